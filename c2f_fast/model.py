@@ -1,0 +1,263 @@
+"""The Coarse-to-Fine model: encoder, global attention, attention-LSTM decoder (SPEC.md).
+
+One switch, ``ModelConfig.fast_kernels``, picks the Triton ops of the ``kernels`` package for the
+global attention, the local attention and the LSTM step; otherwise the decoder is plain PyTorch
+(the reference path). Both compute the same function.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoders import BACKBONES, build_encoder
+
+VARIANTS = ("vgg", "lstm", "lstm_l", "lstm_lg")
+
+#: Label-sequence padding value (past an image's last label).
+PAD = -1
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes the model's shape.
+
+    variant: "vgg" (fc7 → linear), "lstm" (no attention), "lstm_l" (local attention),
+        "lstm_lg" (local + global: the full model).
+    backbone: one of ``encoders.BACKBONES``; "tiny" is a small CPU-friendly VGG-style network.
+    steps: decoder steps T (static); forced to 1 for variant "vgg".
+    hidden, embed, attn: LSTM hidden size H, label-embedding size E, attention MLP size A.
+    pretrained: None (random init), "imagenet" (torchvision weights; never a silent fallback),
+        or a path to the backbone's state dict.
+    fast_kernels: use the Triton ops for attention and the LSTM step.
+    """
+
+    variant: str = "lstm_lg"
+    backbone: str = "vgg16"
+    num_classes: int = 20
+    steps: int = 5
+    hidden: int = 512
+    embed: int = 256
+    attn: int = 512
+    image_size: int = 224
+    pretrained: Optional[str] = None
+    fast_kernels: bool = False
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone: expected one of {BACKBONES}, got {self.backbone!r}")
+        for name in ("num_classes", "steps", "hidden", "embed", "attn", "image_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.pretrained is not None and not isinstance(self.pretrained, (str, os.PathLike)):
+            raise ValueError(f"pretrained: expected None, 'imagenet' or a path, got {self.pretrained!r}")
+        if self.pretrained is not None:
+            self.pretrained = os.fspath(self.pretrained)
+        if self.variant == "vgg":
+            self.steps = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class C2FOutput(NamedTuple):
+    """Model output. ``logits`` = max over steps of ``step_logits`` (Eq. 12 on logits)."""
+
+    logits: torch.Tensor  # [B, C]
+    step_logits: torch.Tensor  # [B, T, C]
+    global_attn: Optional[torch.Tensor]  # [B, L] (alpha-hat) or None
+    local_attn: Optional[torch.Tensor]  # [B, T, L] (beta) or None
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """Final prediction p-hat = max_t p_t, in (0, 1)."""
+        return torch.sigmoid(self.logits)
+
+    @property
+    def step_scores(self) -> torch.Tensor:
+        """Per-step predictions p_t (the matrix Q of Eq. 15), in (0, 1)."""
+        return torch.sigmoid(self.step_logits)
+
+
+class GlobalAttention(nn.Module):
+    """Eq. 1–3: one scalar score per region, softmax over regions, attended context."""
+
+    def __init__(self, feat_dim: int):
+        super().__init__()
+        self.score = nn.Linear(feat_dim, 1)
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.score(feats).squeeze(-1))
+
+    def forward(self, feats: torch.Tensor, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.scores(feats)
+        if fast:
+            import kernels
+
+            return kernels.attention_pool(feats, e, None)
+        alpha = torch.softmax(e, dim=1)
+        return torch.einsum("bl,bld->bd", alpha, feats), alpha
+
+
+class LocalAttention(nn.Module):
+    """Eq. 4–5: additive (Bahdanau) attention guided by the global weights.
+
+    s_ti = v · tanh(W_a a_i + W_h h_{t-1} + b); beta_t = softmax_i(s_t);
+    z_t = sum_i beta_ti · prior_i · a_i, where prior is alpha-hat (or 1 without global attention).
+    """
+
+    def __init__(self, feat_dim: int, hidden: int, attn: int):
+        super().__init__()
+        self.feat_proj = nn.Linear(feat_dim, attn)  # W_a and b: applied once per image
+        self.query_proj = nn.Linear(hidden, attn, bias=False)  # W_h
+        self.v = nn.Parameter(torch.empty(attn).uniform_(-attn**-0.5, attn**-0.5))
+
+    def forward(
+        self,
+        feats: torch.Tensor,
+        feats_proj: torch.Tensor,
+        h: torch.Tensor,
+        prior: Optional[torch.Tensor],
+        fast: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.query_proj(h)
+        if fast:
+            import kernels
+
+            return kernels.additive_attention(feats, feats_proj, q, self.v, prior)
+        s = torch.tanh(feats_proj + q.unsqueeze(1)) @ self.v
+        beta = torch.softmax(s, dim=1)
+        w = beta if prior is None else beta * prior
+        return torch.einsum("bl,bld->bd", w, feats), beta
+
+
+class C2FNet(nn.Module):
+    """The Coarse-to-Fine network (and the ablation variants of Tables I–II)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg.backbone, cfg.pretrained)
+        D, Fdim = self.encoder.feat_dim, self.encoder.fc_dim
+        C, H = cfg.num_classes, cfg.hidden
+        self.feat_dim, self.fc_dim = D, Fdim
+        if cfg.variant == "vgg":
+            self.classifier = nn.Linear(Fdim, C)
+            return
+        # label tokens: classes 0..C-1, then START and PAD
+        self.start_token, self.pad_token = C, C + 1
+        self.embedding = nn.Embedding(C + 2, cfg.embed)
+        self.lstm = nn.LSTMCell(cfg.embed + D, H)
+        self.predict = nn.Linear(H + Fdim, C)  # p_t = sigmoid(W_p [h_t; f_fc] + b_p)
+        if cfg.variant in ("lstm_l", "lstm_lg"):
+            self.local_attn = LocalAttention(D, H, cfg.attn)
+        if cfg.variant == "lstm_lg":
+            self.global_attn = GlobalAttention(D)
+            self.init_c = nn.Linear(D, H)  # I_c
+            self.init_h = nn.Linear(D, H)  # I_h
+
+    # ---------------------------------------------------------------- checks
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images: expected a float tensor [B, 3, H, W], got {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"images: expected a floating-point tensor, got {images.dtype}")
+
+    def _check_label_seq(self, label_seq: torch.Tensor, batch: int) -> None:
+        T, C = self.cfg.steps, self.cfg.num_classes
+        if label_seq.dim() != 2 or label_seq.shape[0] != batch or label_seq.shape[1] < T:
+            raise ValueError(
+                f"label_seq: expected class indices [B={batch}, T>={T}] (PAD={PAD}), got {tuple(label_seq.shape)}"
+            )
+        if label_seq.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise ValueError(f"label_seq: expected an integer tensor, got {label_seq.dtype}")
+        if not torch.compiler.is_compiling():  # a data-dependent check: skipped when traced
+            lo, hi = int(label_seq.min()), int(label_seq.max())
+            if lo < PAD or hi >= C:
+                raise ValueError(
+                    f"label_seq: class indices must lie in [0, num_classes={C}) or be PAD={PAD}; found {lo}..{hi}"
+                )
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, images: torch.Tensor, label_seq: Optional[torch.Tensor] = None) -> C2FOutput:
+        """Teacher forcing when ``label_seq`` ([B, T] class indices, PAD = -1) is given;
+        greedy decoding (each step feeds the best class not yet emitted) when it is None."""
+        self._check_images(images)
+        feats, f_fc = self.encoder(images)
+        return self.decode(feats, f_fc, label_seq)
+
+    def decode(
+        self, feats: torch.Tensor, f_fc: torch.Tensor, label_seq: Optional[torch.Tensor] = None
+    ) -> C2FOutput:
+        """The decoder alone, on encoder outputs ``feats`` [B, L, D] and ``f_fc`` [B, F]."""
+        cfg = self.cfg
+        B, L, D = feats.shape
+        if cfg.variant == "vgg":
+            logits = self.classifier(f_fc)
+            return C2FOutput(logits, logits.unsqueeze(1), None, None)
+        if label_seq is not None:
+            self._check_label_seq(label_seq, B)
+        fast = cfg.fast_kernels
+        T, H = cfg.steps, cfg.hidden
+
+        alpha = None
+        if cfg.variant == "lstm_lg":
+            z_hat, alpha = self.global_attn(feats, fast)
+            h, c = self.init_h(z_hat / L), self.init_c(z_hat / L)  # Eq. 3, /L as in the paper
+        else:
+            h = feats.new_zeros(B, H)
+            c = feats.new_zeros(B, H)
+        local = cfg.variant in ("lstm_l", "lstm_lg")
+        feats_proj = self.local_attn.feat_proj(feats) if local else None
+        mean_feats = None if local else feats.mean(dim=1)
+
+        token = torch.full((B,), self.start_token, dtype=torch.long, device=feats.device)
+        emitted = torch.zeros(B, cfg.num_classes, dtype=torch.bool, device=feats.device)
+        step_logits, betas = [], []
+        for t in range(T):
+            if local:
+                z, beta = self.local_attn(feats, feats_proj, h, alpha, fast)
+                betas.append(beta)
+            else:
+                z = mean_feats
+            x = torch.cat([self.embedding(token), z], dim=1)
+            h, c = self._lstm_step(x, h, c, fast)
+            logit = self.predict(torch.cat([h, f_fc], dim=1))
+            step_logits.append(logit)
+            if t + 1 < T:
+                if label_seq is not None:
+                    prev = label_seq[:, t].long()
+                    token = torch.where(prev < 0, torch.full_like(prev, self.pad_token), prev)
+                else:
+                    token = logit.detach().masked_fill(emitted, float("-inf")).argmax(dim=1)
+                    emitted = emitted.scatter(1, token.unsqueeze(1), True)
+                    # more steps than classes: once every class is out, feed PAD
+                    token = torch.where(emitted.all(dim=1) & (t + 1 >= cfg.num_classes),
+                                        torch.full_like(token, self.pad_token), token)
+        step_logits_t = torch.stack(step_logits, dim=1)
+        return C2FOutput(
+            logits=step_logits_t.amax(dim=1),
+            step_logits=step_logits_t,
+            global_attn=alpha,
+            local_attn=torch.stack(betas, dim=1) if local else None,
+        )
+
+    def _lstm_step(self, x, h, c, fast: bool):
+        if fast:
+            import kernels
+
+            gates_x = F.linear(x, self.lstm.weight_ih, self.lstm.bias_ih)
+            return kernels.lstm_cell(gates_x, h, c, self.lstm.weight_hh, self.lstm.bias_hh)
+        return self.lstm(x, (h, c))
+
+
+__all__ = ["C2FNet", "C2FOutput", "ModelConfig", "PAD", "VARIANTS"]
