@@ -4,31 +4,21 @@ Each op is Triton kernels + host forward/backward + a ``torch.autograd.Function`
 ``torch.library.triton_op`` (so ``torch.compile`` traces through it) + a plain-PyTorch ``*_ref``.
 On CPU the ops run their references, except under ``TRITON_INTERPRET=1`` (set before triton is
 imported), where the Triton kernels themselves run in the interpreter (fp32 only).
-
-The op modules are imported on first use, so ``import kernels`` stays cheap.
 """
-
-import importlib
 
 from .registry import KERNELS, CompileConfig, KernelSpec, all_kernels, register_kernel  # noqa: F401
 
 #: Every op module; ``registry.all_kernels()`` imports each so that all kernels are registered.
 OP_MODULES = ("attention_pool", "additive_attention", "lstm_cell")
 
-_EXPORTS = {
-    "attention_pool": "attention_pool",
-    "attention_pool_ref": "attention_pool",
-    "additive_attention": "additive_attention",
-    "additive_attention_ref": "additive_attention",
-    "lstm_cell": "lstm_cell",
-    "lstm_cell_ref": "lstm_cell",
-}
+# The ops are imported eagerly: each op module has the name of its function, and importing the
+# module later would shadow the function on the package.
+from .attention_pool import attention_pool, attention_pool_ref  # noqa: E402,F401
+from .additive_attention import additive_attention, additive_attention_ref  # noqa: E402,F401
+from .lstm_cell import lstm_cell, lstm_cell_ref  # noqa: E402,F401
 
-__all__ = sorted(_EXPORTS) + ["KERNELS", "CompileConfig", "KernelSpec", "all_kernels", "register_kernel"]
-
-
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+__all__ = [
+    "attention_pool", "attention_pool_ref", "additive_attention", "additive_attention_ref",
+    "lstm_cell", "lstm_cell_ref", "KERNELS", "CompileConfig", "KernelSpec", "all_kernels",
+    "register_kernel",
+]

@@ -1,0 +1,629 @@
+"""One LSTM step with the recurrent matrix product fused into the gate epilogue.
+
+``lstm_cell(gates_x, h, c, w_hh, bias)`` computes, in PyTorch's gate order (i, f, g, o)::
+
+    gates  = gates_x + h @ w_hh.T + bias          # [B, 4H]
+    i, f, o = sigmoid(...), g = tanh(...)
+    c_new  = f * c + i * g
+    h_new  = o * tanh(c_new)
+
+``gates_x`` is the input projection ``x @ weight_ih.T + bias_ih``: it does not depend on the
+recurrence, so callers compute it with one big GEMM (for all steps at once if they can) and this op
+only does the part that must run step by step. With ``w_hh = weight_hh`` and ``bias = bias_hh`` the
+result equals ``torch.nn.LSTMCell``.
+
+Kernels (Liger-Kernel style: host ``*_forward``/``*_backward`` functions around ``@triton.jit``
+kernels, plus the autograd glue):
+
+* ``_lstm_cell_fwd_kernel``: each program owns a BLOCK_B x BLOCK_H tile of *all four* gates, so
+  the four gate pre-activations of one (row, unit) pair meet in registers: four fp32 accumulators
+  (started from ``gates_x + bias``) are fed by ``tl.dot`` over K = H, then the nonlinearities and the
+  cell update run as the epilogue. The pre-activations never touch memory; the activated gates are
+  stored (input dtype) only because backward needs them.
+* ``_lstm_cell_bwd_kernel``: the elementwise gate backward, producing ``d_gates`` [B, 4H] (which is
+  also ``d_gates_x``), ``d_c`` and the bias gradient (column sums of ``d_gates``; each program walks
+  the rows of its column block, so no atomics and no second reduction kernel at the usual sizes).
+* ``d_h = d_gates @ w_hh`` and ``d_w_hh = d_gates.T @ h`` are plain ``torch.mm`` (cuBLAS): they
+  are ordinary GEMMs that cuBLAS already does at full speed.
+
+The forward and the elementwise backward are ``torch.library.triton_op`` custom ops tied together
+with ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces through them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._utils import TRITON_DTYPES, interpret_mode, use_triton
+from .registry import CompileConfig, KernelSpec, register_kernel
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lstm_cell_fwd_kernel(
+    gx_ptr,  # [B, 4H] input projection, row stride stride_gx, unit stride 1
+    h_ptr,  # [B, H] previous hidden state, row stride stride_h
+    c_ptr,  # [B, H] previous cell state, row stride stride_c
+    w_ptr,  # [4H, H] recurrent weight, contiguous
+    b_ptr,  # [4H] recurrent bias (unused when HAS_BIAS is False)
+    h_new_ptr,  # [B, H] out, contiguous
+    c_new_ptr,  # [B, H] out, contiguous
+    gates_ptr,  # [B, 4H] out, activated gates (i, f, g, o), contiguous; saved for backward
+    B,
+    H,
+    stride_gx,
+    stride_h,
+    stride_c,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # batch rows of this tile
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # hidden units of this tile
+    row_mask = rows < B
+    col_mask = cols < H
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+
+    # Accumulators start from gates_x (+ bias), in fp32: gates = gates_x + bias + h @ w_hh.T.
+    gx_tile = gx_ptr + rows[:, None] * stride_gx + cols[None, :]
+    acc_i = tl.load(gx_tile, mask=tile_mask, other=0.0).to(tl.float32)
+    acc_f = tl.load(gx_tile + H, mask=tile_mask, other=0.0).to(tl.float32)
+    acc_g = tl.load(gx_tile + 2 * H, mask=tile_mask, other=0.0).to(tl.float32)
+    acc_o = tl.load(gx_tile + 3 * H, mask=tile_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc_i += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc_f += tl.load(b_ptr + H + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(b_ptr + 2 * H + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc_o += tl.load(b_ptr + 3 * H + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+
+    # K loop over the previous hidden state. The weight tile of gate q is w_hh[q*H + cols, k]
+    # read as a [BLOCK_K, BLOCK_H] block (w_hh.T), K contiguous in memory.
+    ks = tl.arange(0, BLOCK_K)
+    h_tile = h_ptr + rows[:, None] * stride_h + ks[None, :]
+    w_tile = w_ptr + cols[None, :].to(tl.int64) * H + ks[:, None]
+    gate_stride = H * H  # elements between the blocks of consecutive gates in w_hh
+    for k0 in range(0, H, BLOCK_K):
+        k_mask = (k0 + ks) < H
+        a = tl.load(h_tile + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        w_i = tl.load(w_tile + k0, mask=w_mask, other=0.0)
+        w_f = tl.load(w_tile + gate_stride + k0, mask=w_mask, other=0.0)
+        w_g = tl.load(w_tile + 2 * gate_stride + k0, mask=w_mask, other=0.0)
+        w_o = tl.load(w_tile + 3 * gate_stride + k0, mask=w_mask, other=0.0)
+        # "ieee": fp32 inputs must not silently run in tf32 (ignored for bf16/fp16 inputs).
+        acc_i = tl.dot(a, w_i, acc_i, input_precision="ieee")
+        acc_f = tl.dot(a, w_f, acc_f, input_precision="ieee")
+        acc_g = tl.dot(a, w_g, acc_g, input_precision="ieee")
+        acc_o = tl.dot(a, w_o, acc_o, input_precision="ieee")
+
+    # Epilogue: nonlinearities and cell update in fp32. tanh(x) = 2*sigmoid(2x) - 1 keeps to
+    # tl.sigmoid, which every Triton >= 3.2 backend and the CPU interpreter provide.
+    gate_i = tl.sigmoid(acc_i)
+    gate_f = tl.sigmoid(acc_f)
+    gate_g = 2.0 * tl.sigmoid(2.0 * acc_g) - 1.0
+    gate_o = tl.sigmoid(acc_o)
+    c_prev = tl.load(c_ptr + rows[:, None] * stride_c + cols[None, :], mask=tile_mask, other=0.0)
+    c_new = gate_f * c_prev.to(tl.float32) + gate_i * gate_g
+    h_new = gate_o * (2.0 * tl.sigmoid(2.0 * c_new) - 1.0)
+
+    out_dtype = h_new_ptr.dtype.element_ty
+    out_offs = rows[:, None] * H + cols[None, :]
+    tl.store(h_new_ptr + out_offs, h_new.to(out_dtype), mask=tile_mask)
+    tl.store(c_new_ptr + out_offs, c_new.to(out_dtype), mask=tile_mask)
+    gates_tile = gates_ptr + rows[:, None] * (4 * H) + cols[None, :]
+    tl.store(gates_tile, gate_i.to(out_dtype), mask=tile_mask)
+    tl.store(gates_tile + H, gate_f.to(out_dtype), mask=tile_mask)
+    tl.store(gates_tile + 2 * H, gate_g.to(out_dtype), mask=tile_mask)
+    tl.store(gates_tile + 3 * H, gate_o.to(out_dtype), mask=tile_mask)
+
+
+@triton.jit
+def _lstm_cell_bwd_kernel(
+    dh_ptr,  # [B, H] grad of h_new, row stride stride_dh (may be 0: expanded grads)
+    dc_ptr,  # [B, H] grad of c_new, row stride stride_dc
+    c_ptr,  # [B, H] previous cell state, row stride stride_c
+    gates_ptr,  # [B, 4H] activated gates saved by forward, contiguous
+    dgates_ptr,  # [B, 4H] out: grad of the gate pre-activations (= grad of gates_x)
+    dc_prev_ptr,  # [B, H] out: grad of c
+    dbias_ptr,  # [n_row_blocks, 4H] out: per-program column sums of dgates (HAS_BIAS only)
+    B,
+    H,
+    stride_dh,
+    stride_dc,
+    stride_c,
+    HAS_DH: tl.constexpr,
+    HAS_DC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_mask = cols < H
+    # fp32 running column sums of the four d_gate blocks (the bias gradient), reduced once at
+    # the end rather than per row block.
+    sum_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    sum_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    sum_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    sum_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    row0 = pid_b.to(tl.int64) * ROWS_PER_PROGRAM
+    for r in range(0, ROWS_PER_PROGRAM, BLOCK_B):
+        rows = row0 + r + tl.arange(0, BLOCK_B)
+        mask = (rows < B)[:, None] & col_mask[None, :]
+        gates_tile = gates_ptr + rows[:, None] * (4 * H) + cols[None, :]
+        gate_i = tl.load(gates_tile, mask=mask, other=0.0).to(tl.float32)
+        gate_f = tl.load(gates_tile + H, mask=mask, other=0.0).to(tl.float32)
+        gate_g = tl.load(gates_tile + 2 * H, mask=mask, other=0.0).to(tl.float32)
+        gate_o = tl.load(gates_tile + 3 * H, mask=mask, other=0.0).to(tl.float32)
+        c_prev = tl.load(c_ptr + rows[:, None] * stride_c + cols[None, :], mask=mask, other=0.0)
+        # Recompute c_new in fp32 from the saved gates instead of saving it.
+        c_new = gate_f * c_prev.to(tl.float32) + gate_i * gate_g
+        tanh_c = 2.0 * tl.sigmoid(2.0 * c_new) - 1.0
+
+        if HAS_DC:
+            d_c = tl.load(dc_ptr + rows[:, None] * stride_dc + cols[None, :], mask=mask, other=0.0)
+            d_c = d_c.to(tl.float32)
+        else:
+            d_c = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        if HAS_DH:
+            d_h = tl.load(dh_ptr + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0)
+            d_h = d_h.to(tl.float32)
+            d_o = d_h * tanh_c
+            d_c += d_h * gate_o * (1.0 - tanh_c * tanh_c)
+        else:
+            d_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+
+        # Through the activations: sigmoid' = s(1-s), tanh' = 1 - t^2.
+        dpre_i = d_c * gate_g * gate_i * (1.0 - gate_i)
+        dpre_f = d_c * c_prev.to(tl.float32) * gate_f * (1.0 - gate_f)
+        dpre_g = d_c * gate_i * (1.0 - gate_g * gate_g)
+        dpre_o = d_o * gate_o * (1.0 - gate_o)
+
+        out_dtype = dgates_ptr.dtype.element_ty
+        dgates_tile = dgates_ptr + rows[:, None] * (4 * H) + cols[None, :]
+        tl.store(dgates_tile, dpre_i.to(out_dtype), mask=mask)
+        tl.store(dgates_tile + H, dpre_f.to(out_dtype), mask=mask)
+        tl.store(dgates_tile + 2 * H, dpre_g.to(out_dtype), mask=mask)
+        tl.store(dgates_tile + 3 * H, dpre_o.to(out_dtype), mask=mask)
+        tl.store(dc_prev_ptr + rows[:, None] * H + cols[None, :], (d_c * gate_f).to(out_dtype), mask=mask)
+        if HAS_BIAS:
+            # masked-out rows hold exact zeros, so they add nothing
+            sum_i += dpre_i
+            sum_f += dpre_f
+            sum_g += dpre_g
+            sum_o += dpre_o
+
+    if HAS_BIAS:
+        bias_dtype = dbias_ptr.dtype.element_ty
+        dbias_row = dbias_ptr + pid_b.to(tl.int64) * (4 * H) + cols
+        tl.store(dbias_row, tl.sum(sum_i, axis=0).to(bias_dtype), mask=col_mask)
+        tl.store(dbias_row + H, tl.sum(sum_f, axis=0).to(bias_dtype), mask=col_mask)
+        tl.store(dbias_row + 2 * H, tl.sum(sum_g, axis=0).to(bias_dtype), mask=col_mask)
+        tl.store(dbias_row + 3 * H, tl.sum(sum_o, axis=0).to(bias_dtype), mask=col_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration (one function, used by the launchers and by the kernel registry)
+# ---------------------------------------------------------------------------------------------
+
+#: Forward tiles aim for at least this many programs (about one wave on an H100/H200, 132 SMs).
+_TARGET_PROGRAMS = 128
+#: Backward: rows one program walks (its bias partial sum covers them). 256 covers the benchmark
+#: batch in one row block, so the bias gradient needs no second reduction there.
+_BWD_ROWS_PER_PROGRAM = 256
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and launch parameters for one (B, H, dtype)."""
+
+    fwd_block_b: int
+    fwd_block_h: int
+    fwd_block_k: int
+    fwd_num_warps: int
+    fwd_num_stages: int
+    bwd_block_b: int
+    bwd_block_h: int
+    bwd_rows_per_program: int
+    bwd_num_warps: int
+
+    def fwd_grid(self, B: int, H: int) -> tuple[int, int]:
+        return (triton.cdiv(B, self.fwd_block_b), triton.cdiv(H, self.fwd_block_h))
+
+    def bwd_grid(self, B: int, H: int) -> tuple[int, int]:
+        return (triton.cdiv(B, self.bwd_rows_per_program), triton.cdiv(H, self.bwd_block_h))
+
+
+@lru_cache(maxsize=256)
+def _launch_config(B: int, H: int, dtype: str) -> LaunchConfig:
+    """Tiles for batch ``B``, hidden size ``H`` and Triton dtype name ``dtype`` ("fp32", ...).
+
+    Forward: BLOCK_B = 64 when the batch allows (a Hopper warpgroup MMA is 64 rows; smaller
+    batches pad to 16, the smallest ``tl.dot`` tile). The four fp32 accumulators of
+    64 x BLOCK_H cost 2 * BLOCK_H registers per thread with 4 warps. BLOCK_H = 32 for 16-bit
+    types unless that leaves fewer than ``_TARGET_PROGRAMS`` programs, else 16 (at B=256, H=512:
+    4 x 32 = 128 programs). BLOCK_K = 64 for 16-bit types (128-byte rows of h and w_hh). fp32
+    runs ``tl.dot`` on FMA units with its operands in registers: BLOCK_H = BLOCK_K = 16 keeps it
+    well under the 255-register limit (sm_80 compiles 64x32 tiles to 255 registers).
+    Backward: [64, 16] tiles (16 units x 4 gates: 32-byte bf16 row segments, 16-byte loads per
+    thread), each program walking up to ``_BWD_ROWS_PER_PROGRAM`` rows of its column block.
+    """
+    block_b = 64 if B >= 64 else max(16, triton.next_power_of_2(B))
+    n_b = triton.cdiv(B, block_b)
+    if dtype == "fp32":
+        block_h, block_k = 16, 16
+    else:
+        block_h = 32 if n_b * triton.cdiv(H, 32) >= _TARGET_PROGRAMS else 16
+        block_k = 64
+    block_k = min(block_k, max(16, triton.next_power_of_2(H)))
+    rows = min(_BWD_ROWS_PER_PROGRAM, max(16, triton.next_power_of_2(B)))  # powers of two
+    bwd_block_b = min(64, rows)
+    return LaunchConfig(
+        fwd_block_b=block_b,
+        fwd_block_h=block_h,
+        fwd_block_k=block_k,
+        fwd_num_warps=4,
+        fwd_num_stages=3 if dtype != "fp32" else 2,
+        bwd_block_b=bwd_block_b,
+        bwd_block_h=16,
+        bwd_rows_per_program=rows,
+        bwd_num_warps=4,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Host forward / backward
+# ---------------------------------------------------------------------------------------------
+
+
+def _kernel(fn):
+    """``wrap_triton`` for tracing; under the interpreter the plain (interpreted) kernel.
+
+    Older torch releases reject the interpreter's ``InterpretedFunction`` in ``wrap_triton``; the
+    interpreter only runs eagerly on CPU anyway, where nothing needs tracing.
+    """
+    return fn if interpret_mode() else wrap_triton(fn)
+
+
+def _rows_unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take a row stride but need unit stride along the last dim (and 16-byte
+    alignment along rows for vector loads); anything else is copied once."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@triton_op(
+    "c2f_fast::lstm_cell_fwd",
+    mutates_args=(),
+    schema="(Tensor gates_x, Tensor h, Tensor c, Tensor w_hh, Tensor? bias) -> (Tensor, Tensor, Tensor)",
+)
+def lstm_cell_forward(
+    gates_x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host forward: returns ``(h_new, c_new, gates)``, ``gates`` the activated gates [B, 4H]
+    (i, f, g, o) that the backward reuses. Inputs are assumed validated (see ``lstm_cell``)."""
+    gates_x = _rows_unit_stride(gates_x)
+    h = _rows_unit_stride(h)
+    c = _rows_unit_stride(c)
+    w_hh = w_hh.contiguous()
+    B, H = h.shape
+    # int(): under torch.compile with dynamic shapes B may be symbolic; tiles are picked per size.
+    cfg = _launch_config(int(B), int(H), TRITON_DTYPES[h.dtype])
+    h_new = torch.empty((B, H), dtype=h.dtype, device=h.device)
+    c_new = torch.empty((B, H), dtype=h.dtype, device=h.device)
+    gates = torch.empty((B, 4 * H), dtype=h.dtype, device=h.device)
+    has_bias = bias is not None
+    _kernel(_lstm_cell_fwd_kernel)[cfg.fwd_grid(B, H)](
+        gates_x,
+        h,
+        c,
+        w_hh,
+        bias.contiguous() if has_bias else w_hh,  # dummy pointer, never read without bias
+        h_new,
+        c_new,
+        gates,
+        B,
+        H,
+        gates_x.stride(0),
+        h.stride(0),
+        c.stride(0),
+        HAS_BIAS=has_bias,
+        BLOCK_B=cfg.fwd_block_b,
+        BLOCK_H=cfg.fwd_block_h,
+        BLOCK_K=cfg.fwd_block_k,
+        num_warps=cfg.fwd_num_warps,
+        num_stages=cfg.fwd_num_stages,
+    )
+    return h_new, c_new, gates
+
+
+@triton_op(
+    "c2f_fast::lstm_cell_bwd_gates",
+    mutates_args=(),
+    schema="(Tensor? grad_h_new, Tensor? grad_c_new, Tensor c, Tensor gates, bool has_bias) -> (Tensor, Tensor, Tensor)",
+)
+def lstm_cell_backward_gates(
+    grad_h_new: torch.Tensor | None,
+    grad_c_new: torch.Tensor | None,
+    c: torch.Tensor,
+    gates: torch.Tensor,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host elementwise backward: ``(d_gates [B,4H], d_c [B,H], d_bias [4H])`` from the output
+    grads (either may be None: that output was not used). ``d_bias`` is empty without bias."""
+    c = _rows_unit_stride(c)
+    B, H = c.shape
+    cfg = _launch_config(int(B), int(H), TRITON_DTYPES[c.dtype])
+    grid = cfg.bwd_grid(B, H)
+    has_dh = grad_h_new is not None
+    has_dc = grad_c_new is not None
+    # Expanded grads (e.g. from ``out.sum().backward()``) have stride 0 along the last dim too;
+    # row stride 0 is fine for the kernel, unit stride 0 is copied.
+    dh = _rows_unit_stride(grad_h_new) if has_dh else c
+    dc = _rows_unit_stride(grad_c_new) if has_dc else c
+    d_gates = torch.empty((B, 4 * H), dtype=c.dtype, device=c.device)
+    d_c = torch.empty((B, H), dtype=c.dtype, device=c.device)
+    if has_bias and grid[0] == 1:
+        # One row block: the kernel's column sums are the bias gradient itself.
+        d_bias_parts = torch.empty((4 * H,), dtype=c.dtype, device=c.device)
+    elif has_bias:
+        # Several row blocks: fp32 partial sums, reduced below.
+        d_bias_parts = torch.empty((grid[0], 4 * H), dtype=torch.float32, device=c.device)
+    else:
+        d_bias_parts = torch.empty((0,), dtype=c.dtype, device=c.device)
+    _kernel(_lstm_cell_bwd_kernel)[grid](
+        dh,
+        dc,
+        c,
+        gates,
+        d_gates,
+        d_c,
+        # dummy (read-only, so tracing sees no aliasing of written buffers); unused without bias
+        d_bias_parts if has_bias else gates,
+        B,
+        H,
+        dh.stride(0),
+        dc.stride(0),
+        c.stride(0),
+        HAS_DH=has_dh,
+        HAS_DC=has_dc,
+        HAS_BIAS=has_bias,
+        ROWS_PER_PROGRAM=cfg.bwd_rows_per_program,
+        BLOCK_B=cfg.bwd_block_b,
+        BLOCK_H=cfg.bwd_block_h,
+        num_warps=cfg.bwd_num_warps,
+    )
+    d_bias = d_bias_parts.sum(0).to(c.dtype) if d_bias_parts.dim() == 2 else d_bias_parts
+    return d_gates, d_c, d_bias
+
+
+def _setup_context(ctx, inputs, output):
+    gates_x, h, c, w_hh, bias = inputs
+    _, _, gates = output
+    ctx.save_for_backward(h, c, w_hh, gates)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(gates)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_h_new, grad_c_new, _grad_gates):
+    h, c, w_hh, gates = ctx.saved_tensors
+    if grad_h_new is None and grad_c_new is None:  # neither output reached the loss
+        return None, None, None, None, None
+    need_gx, need_h, need_c, need_w, need_b = ctx.needs_input_grad
+    d_gates, d_c, d_bias = torch.ops.c2f_fast.lstm_cell_bwd_gates(
+        grad_h_new, grad_c_new, c, gates, ctx.has_bias and need_b
+    )
+    return (
+        d_gates if need_gx else None,
+        d_gates @ w_hh if need_h else None,  # [B,4H] @ [4H,H]
+        d_c if need_c else None,
+        d_gates.t() @ h if need_w else None,  # [4H,B] @ [B,H]
+        d_bias if (ctx.has_bias and need_b) else None,
+    )
+
+
+lstm_cell_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference and public entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def lstm_cell_ref(
+    gates_x: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    w_hh: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch LSTM step (same contract as ``lstm_cell``).
+
+    ``upcast=True`` computes in (at least) fp32 and casts the results back, which is what the
+    Triton kernels do; ``upcast=False`` computes in the input dtype, i.e. PyTorch's own
+    low-precision path (the yardstick for the bf16/fp16 accuracy tests).
+    """
+    out_dtype = gates_x.dtype
+    if upcast:
+        dt = torch.promote_types(out_dtype, torch.float32)
+        gates_x, h, c, w_hh = gates_x.to(dt), h.to(dt), c.to(dt), w_hh.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    gates = gates_x + h @ w_hh.t()
+    if bias is not None:
+        gates = gates + bias
+    i, f, g, o = gates.chunk(4, dim=1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    return h_new.to(out_dtype), c_new.to(out_dtype)
+
+
+def _check_inputs(gates_x, h, c, w_hh, bias) -> None:
+    named = {"gates_x": gates_x, "h": h, "c": c, "w_hh": w_hh, "bias": bias}
+    for name, t in named.items():
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"lstm_cell: {name} must be a torch.Tensor, got {type(t).__name__}")
+        want_dim = 1 if name == "bias" else 2
+        if t.dim() != want_dim:
+            raise ValueError(f"lstm_cell: {name} must be {want_dim}-D, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"lstm_cell: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != h.dtype:
+            raise ValueError(f"lstm_cell: {name} has dtype {t.dtype}, h has {h.dtype}; all inputs must match")
+        if t.device != h.device:
+            raise ValueError(f"lstm_cell: {name} is on {t.device}, h on {h.device}; all inputs must match")
+    B, H = h.shape
+    if H == 0:
+        raise ValueError("lstm_cell: h must have a non-empty hidden dimension, got shape (B, 0)")
+    expected = {"gates_x": (B, 4 * H), "c": (B, H), "w_hh": (4 * H, H), "bias": (4 * H,)}
+    for name, shape in expected.items():
+        t = named[name]
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(
+                f"lstm_cell: {name} must have shape {shape} for h of shape {(B, H)}, got {tuple(t.shape)}"
+            )
+
+
+def lstm_cell(
+    gates_x: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    w_hh: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM step: ``(h_new, c_new)`` from ``gates_x`` [B,4H], ``h``/``c`` [B,H], ``w_hh``
+    [4H,H], ``bias`` [4H] or None (gate order i, f, g, o, as ``torch.nn.LSTMCell``).
+
+    Differentiable in every input. Under autocast the inputs are cast to the autocast dtype first
+    (as ``nn.LSTMCell`` does); otherwise all inputs must share one dtype and device. Runs the
+    Triton kernels on CUDA (fp32/bf16/fp16) and under ``TRITON_INTERPRET=1`` for fp32 CPU tensors,
+    ``lstm_cell_ref`` otherwise.
+    """
+    if isinstance(h, torch.Tensor) and torch.is_autocast_enabled(h.device.type):
+        dt = torch.get_autocast_dtype(h.device.type)
+        gates_x, h, c, w_hh = (t.to(dt) if isinstance(t, torch.Tensor) else t for t in (gates_x, h, c, w_hh))
+        bias = bias.to(dt) if isinstance(bias, torch.Tensor) else bias
+    if not isinstance(h, torch.Tensor):
+        raise ValueError(f"lstm_cell: h must be a torch.Tensor, got {type(h).__name__}")
+    _check_inputs(gates_x, h, c, w_hh, bias)
+    if h.dtype in TRITON_DTYPES and h.shape[0] > 0 and use_triton(gates_x, h, c, w_hh, bias):
+        h_new, c_new, _ = torch.ops.c2f_fast.lstm_cell_fwd(gates_x, h, c, w_hh, bias)
+        return h_new, c_new
+    return lstm_cell_ref(gates_x, h, c, w_hh, bias, upcast=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: the configurations the launchers above pick at the benchmark size
+# ---------------------------------------------------------------------------------------------
+
+_BENCH_B, _BENCH_H = 256, 512
+
+
+def _fwd_configs(dtype: str) -> list[CompileConfig]:
+    cfg = _launch_config(_BENCH_B, _BENCH_H, dtype)
+    ptr = f"*{dtype}"
+    signature = {
+        **{name: ptr for name in ("gx_ptr", "h_ptr", "c_ptr", "w_ptr", "b_ptr", "h_new_ptr", "c_new_ptr", "gates_ptr")},
+        **{name: "i32" for name in ("B", "H", "stride_gx", "stride_h", "stride_c")},
+    }
+    constexprs = {
+        "HAS_BIAS": True,
+        "BLOCK_B": cfg.fwd_block_b,
+        "BLOCK_H": cfg.fwd_block_h,
+        "BLOCK_K": cfg.fwd_block_k,
+    }
+    return [
+        CompileConfig(
+            label=f"B={_BENCH_B} H={_BENCH_H} bias",
+            signature=signature,
+            constexprs=constexprs,
+            num_warps=cfg.fwd_num_warps,
+            num_stages=cfg.fwd_num_stages,
+        )
+    ]
+
+
+def _bwd_configs(dtype: str) -> list[CompileConfig]:
+    cfg = _launch_config(_BENCH_B, _BENCH_H, dtype)
+    ptr = f"*{dtype}"
+    n_row_blocks = cfg.bwd_grid(_BENCH_B, _BENCH_H)[0]
+    signature = {
+        **{name: ptr for name in ("dh_ptr", "dc_ptr", "c_ptr", "gates_ptr", "dgates_ptr", "dc_prev_ptr")},
+        # the launcher's bias-partials buffer: input dtype for one row block, fp32 otherwise
+        "dbias_ptr": ptr if n_row_blocks == 1 else "*fp32",
+        **{name: "i32" for name in ("B", "H", "stride_dh", "stride_dc", "stride_c")},
+    }
+    constexprs = {
+        "HAS_DH": True,
+        "HAS_DC": True,
+        "HAS_BIAS": True,
+        "ROWS_PER_PROGRAM": cfg.bwd_rows_per_program,
+        "BLOCK_B": cfg.bwd_block_b,
+        "BLOCK_H": cfg.bwd_block_h,
+    }
+    return [
+        CompileConfig(
+            label=f"B={_BENCH_B} H={_BENCH_H} bias, both grads",
+            signature=signature,
+            constexprs=constexprs,
+            num_warps=cfg.bwd_num_warps,
+            num_stages=3,
+        )
+    ]
+
+
+def _fwd_scalars(config: CompileConfig) -> dict[str, int]:
+    """Integer arguments the forward launcher passes at the benchmark size (contiguous inputs),
+    so the report specialises them (divisibility by 16) as Triton's JIT would."""
+    B, H = _BENCH_B, _BENCH_H
+    return {"B": B, "H": H, "stride_gx": 4 * H, "stride_h": H, "stride_c": H}
+
+
+def _bwd_scalars(config: CompileConfig) -> dict[str, int]:
+    """As ``_fwd_scalars`` for the backward launcher (contiguous output grads)."""
+    B, H = _BENCH_B, _BENCH_H
+    return {"B": B, "H": H, "stride_dh": H, "stride_dc": H, "stride_c": H}
+
+
+register_kernel(
+    KernelSpec(
+        name="lstm_cell_fwd",
+        fn=_lstm_cell_fwd_kernel,
+        dtypes=("fp32", "bf16", "fp16"),
+        configs=_fwd_configs,
+        streamed=("gx_ptr", "c_ptr", "h_new_ptr", "c_new_ptr", "gates_ptr"),
+        uses_dot=True,
+        notes="h @ w_hh.T (4 gate accumulators, fp32) fused with the LSTM gate epilogue",
+        extra={"scalars": _fwd_scalars},
+    )
+)
+register_kernel(
+    KernelSpec(
+        name="lstm_cell_bwd",
+        fn=_lstm_cell_bwd_kernel,
+        dtypes=("fp32", "bf16", "fp16"),
+        configs=_bwd_configs,
+        streamed=("dh_ptr", "dc_ptr", "c_ptr", "gates_ptr", "dgates_ptr", "dc_prev_ptr"),
+        uses_dot=False,
+        notes="elementwise LSTM gate backward + bias-gradient column sums",
+        extra={"scalars": _bwd_scalars},
+    )
+)
+
+__all__ = ["lstm_cell", "lstm_cell_ref", "lstm_cell_forward", "lstm_cell_backward_gates", "LaunchConfig"]
