@@ -21,8 +21,10 @@ kernels, plus the autograd glue):
   cell update run as the epilogue. The pre-activations never touch memory; the activated gates are
   stored (input dtype) only because backward needs them.
 * ``_lstm_cell_bwd_kernel``: the elementwise gate backward, producing ``d_gates`` [B, 4H] (which is
-  also ``d_gates_x``), ``d_c`` and the bias gradient (column sums of ``d_gates``; each program walks
-  the rows of its column block, so no atomics and no second reduction kernel at the usual sizes).
+  also ``d_gates_x``), ``d_c`` and the bias gradient. The grid is (row blocks) x (unit blocks) of
+  small tiles, so that even the benchmark size (B=256, H=512) spreads over every SM. Each program
+  writes the fp32 column sums of its rows of ``d_gates`` to one row of a [n_row_blocks, 4H]
+  partial-sum buffer, which the host reduces with ``torch.sum(dim=0)``: deterministic, no atomics.
 * ``d_h = d_gates @ w_hh`` and ``d_w_hh = d_gates.T @ h`` are plain ``torch.mm`` (cuBLAS): they
   are ordinary GEMMs that cuBLAS already does at full speed.
 
@@ -137,7 +139,7 @@ def _lstm_cell_bwd_kernel(
     gates_ptr,  # [B, 4H] activated gates saved by forward, contiguous
     dgates_ptr,  # [B, 4H] out: grad of the gate pre-activations (= grad of gates_x)
     dc_prev_ptr,  # [B, H] out: grad of c
-    dbias_ptr,  # [n_row_blocks, 4H] out: per-program column sums of dgates (HAS_BIAS only)
+    dbias_ptr,  # [n_row_blocks, 4H] out: column sums of dgates over this program's rows (HAS_BIAS only)
     B,
     H,
     stride_dh,
@@ -154,12 +156,13 @@ def _lstm_cell_bwd_kernel(
     pid_h = tl.program_id(1)
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < H
-    # fp32 running column sums of the four d_gate blocks (the bias gradient), reduced once at
-    # the end rather than per row block.
-    sum_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    sum_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    sum_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    sum_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    # fp32 column sums of the four d_gate blocks over this program's rows (its share of the bias
+    # gradient). At the benchmark size a program owns one BLOCK_B-row tile (ROWS_PER_PROGRAM ==
+    # BLOCK_B); only for large batches does the launcher give it several.
+    bias_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    bias_f = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    bias_g = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    bias_o = tl.zeros((BLOCK_H,), dtype=tl.float32)
     row0 = pid_b.to(tl.int64) * ROWS_PER_PROGRAM
     for r in range(0, ROWS_PER_PROGRAM, BLOCK_B):
         rows = row0 + r + tl.arange(0, BLOCK_B)
@@ -170,8 +173,9 @@ def _lstm_cell_bwd_kernel(
         gate_g = tl.load(gates_tile + 2 * H, mask=mask, other=0.0).to(tl.float32)
         gate_o = tl.load(gates_tile + 3 * H, mask=mask, other=0.0).to(tl.float32)
         c_prev = tl.load(c_ptr + rows[:, None] * stride_c + cols[None, :], mask=mask, other=0.0)
+        c_prev = c_prev.to(tl.float32)
         # Recompute c_new in fp32 from the saved gates instead of saving it.
-        c_new = gate_f * c_prev.to(tl.float32) + gate_i * gate_g
+        c_new = gate_f * c_prev + gate_i * gate_g
         tanh_c = 2.0 * tl.sigmoid(2.0 * c_new) - 1.0
 
         if HAS_DC:
@@ -187,33 +191,33 @@ def _lstm_cell_bwd_kernel(
         else:
             d_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
 
-        # Through the activations: sigmoid' = s(1-s), tanh' = 1 - t^2.
-        dpre_i = d_c * gate_g * gate_i * (1.0 - gate_i)
-        dpre_f = d_c * c_prev.to(tl.float32) * gate_f * (1.0 - gate_f)
-        dpre_g = d_c * gate_i * (1.0 - gate_g * gate_g)
-        dpre_o = d_o * gate_o * (1.0 - gate_o)
-
+        # Through the activations: sigmoid' = s(1-s), tanh' = 1 - t^2. Each gate is stored and
+        # folded into its bias sum as soon as it is computed (masked-out rows are exact zeros,
+        # so they add nothing), which keeps fewer fp32 tiles alive at once.
         out_dtype = dgates_ptr.dtype.element_ty
         dgates_tile = dgates_ptr + rows[:, None] * (4 * H) + cols[None, :]
-        tl.store(dgates_tile, dpre_i.to(out_dtype), mask=mask)
-        tl.store(dgates_tile + H, dpre_f.to(out_dtype), mask=mask)
-        tl.store(dgates_tile + 2 * H, dpre_g.to(out_dtype), mask=mask)
-        tl.store(dgates_tile + 3 * H, dpre_o.to(out_dtype), mask=mask)
         tl.store(dc_prev_ptr + rows[:, None] * H + cols[None, :], (d_c * gate_f).to(out_dtype), mask=mask)
+        dpre_o = d_o * gate_o * (1.0 - gate_o)
+        tl.store(dgates_tile + 3 * H, dpre_o.to(out_dtype), mask=mask)
+        dpre_i = d_c * gate_g * gate_i * (1.0 - gate_i)
+        tl.store(dgates_tile, dpre_i.to(out_dtype), mask=mask)
+        dpre_f = d_c * c_prev * gate_f * (1.0 - gate_f)
+        tl.store(dgates_tile + H, dpre_f.to(out_dtype), mask=mask)
+        dpre_g = d_c * gate_i * (1.0 - gate_g * gate_g)
+        tl.store(dgates_tile + 2 * H, dpre_g.to(out_dtype), mask=mask)
         if HAS_BIAS:
-            # masked-out rows hold exact zeros, so they add nothing
-            sum_i += dpre_i
-            sum_f += dpre_f
-            sum_g += dpre_g
-            sum_o += dpre_o
+            bias_o += tl.sum(dpre_o, axis=0)
+            bias_i += tl.sum(dpre_i, axis=0)
+            bias_f += tl.sum(dpre_f, axis=0)
+            bias_g += tl.sum(dpre_g, axis=0)
 
     if HAS_BIAS:
         bias_dtype = dbias_ptr.dtype.element_ty
         dbias_row = dbias_ptr + pid_b.to(tl.int64) * (4 * H) + cols
-        tl.store(dbias_row, tl.sum(sum_i, axis=0).to(bias_dtype), mask=col_mask)
-        tl.store(dbias_row + H, tl.sum(sum_f, axis=0).to(bias_dtype), mask=col_mask)
-        tl.store(dbias_row + 2 * H, tl.sum(sum_g, axis=0).to(bias_dtype), mask=col_mask)
-        tl.store(dbias_row + 3 * H, tl.sum(sum_o, axis=0).to(bias_dtype), mask=col_mask)
+        tl.store(dbias_row, bias_i.to(bias_dtype), mask=col_mask)
+        tl.store(dbias_row + H, bias_f.to(bias_dtype), mask=col_mask)
+        tl.store(dbias_row + 2 * H, bias_g.to(bias_dtype), mask=col_mask)
+        tl.store(dbias_row + 3 * H, bias_o.to(bias_dtype), mask=col_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,9 +226,14 @@ def _lstm_cell_bwd_kernel(
 
 #: Forward tiles aim for at least this many programs (about one wave on an H100/H200, 132 SMs).
 _TARGET_PROGRAMS = 128
-#: Backward: rows one program walks (its bias partial sum covers them). 256 covers the benchmark
-#: batch in one row block, so the bias gradient needs no second reduction there.
-_BWD_ROWS_PER_PROGRAM = 256
+#: Backward: a program handles more than one BLOCK_B-row tile only while the grid keeps at least
+#: this many programs (about four per SM on an H100/H200): only large batches get longer row
+#: walks, which shrink the fp32 bias partial-sum buffer and its host reduction.
+_BWD_TARGET_PROGRAMS = 512
+#: Backward: the most rows one program walks.
+_BWD_MAX_ROWS_PER_PROGRAM = 256
+#: Bytes per thread and gate in the backward: one 16-byte vector (8 bf16/fp16 or 4 fp32 values).
+_BWD_VECTOR_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -245,6 +254,7 @@ class LaunchConfig:
         return (triton.cdiv(B, self.fwd_block_b), triton.cdiv(H, self.fwd_block_h))
 
     def bwd_grid(self, B: int, H: int) -> tuple[int, int]:
+        """(row blocks, unit blocks); the bias partial-sum buffer has one row per row block."""
         return (triton.cdiv(B, self.bwd_rows_per_program), triton.cdiv(H, self.bwd_block_h))
 
 
@@ -252,26 +262,39 @@ class LaunchConfig:
 def _launch_config(B: int, H: int, dtype: str) -> LaunchConfig:
     """Tiles for batch ``B``, hidden size ``H`` and Triton dtype name ``dtype`` ("fp32", ...).
 
-    Forward: BLOCK_B = 64 when the batch allows (a Hopper warpgroup MMA is 64 rows; smaller
-    batches pad to 16, the smallest ``tl.dot`` tile). The four fp32 accumulators of
-    64 x BLOCK_H cost 2 * BLOCK_H registers per thread with 4 warps. BLOCK_H = 32 for 16-bit
-    types unless that leaves fewer than ``_TARGET_PROGRAMS`` programs, else 16 (at B=256, H=512:
-    4 x 32 = 128 programs). BLOCK_K = 64 for 16-bit types (128-byte rows of h and w_hh). fp32
-    runs ``tl.dot`` on FMA units with its operands in registers: BLOCK_H = BLOCK_K = 16 keeps it
-    well under the 255-register limit (sm_80 compiles 64x32 tiles to 255 registers).
-    Backward: [64, 16] tiles (16 units x 4 gates: 32-byte bf16 row segments, 16-byte loads per
-    thread), each program walking up to ``_BWD_ROWS_PER_PROGRAM`` rows of its column block.
+    Forward, 16-bit types (tensor cores): BLOCK_B = 64 when the batch allows (a Hopper warpgroup
+    MMA is 64 rows; smaller batches pad to 16, the smallest ``tl.dot`` tile). The four fp32
+    accumulators of 64 x BLOCK_H cost 2 * BLOCK_H registers per thread with 4 warps. BLOCK_H = 32
+    unless that leaves fewer than ``_TARGET_PROGRAMS`` programs, else 16 (at B=256, H=512: 4 x 32
+    = 128 programs). BLOCK_K = 64 (128-byte rows of h and w_hh).
+    Forward, fp32: ``tl.dot`` runs on FMA units with its operands in registers, so registers grow
+    with the tile: BLOCK_B = 32 (at most), BLOCK_H = BLOCK_K = 16 compile to about 96 registers
+    (64-row tiles: ~168, 3 blocks/SM) and give 8 x 32 = 256 programs at B=256, H=512.
+
+    Backward (elementwise, bound by memory latency): [16, 16] tiles, i.e. 16 rows x 16 units x 4
+    gates, with exactly as many warps as give every thread one 16-byte vector per gate (1 warp for
+    bf16/fp16, 2 for fp32). Small tiles make many programs (B=256, H=512: 16 x 32 = 512, about
+    four per SM on 132 SMs) and few registers, so every SM gets work and many warps fit. A program
+    walks ``bwd_rows_per_program`` rows (a power-of-two multiple of 16, at most
+    ``_BWD_MAX_ROWS_PER_PROGRAM``), more than one tile only while the grid keeps at least
+    ``_BWD_TARGET_PROGRAMS`` programs.
     """
-    block_b = 64 if B >= 64 else max(16, triton.next_power_of_2(B))
-    n_b = triton.cdiv(B, block_b)
     if dtype == "fp32":
+        block_b = 32 if B >= 32 else max(16, triton.next_power_of_2(B))
         block_h, block_k = 16, 16
     else:
-        block_h = 32 if n_b * triton.cdiv(H, 32) >= _TARGET_PROGRAMS else 16
+        block_b = 64 if B >= 64 else max(16, triton.next_power_of_2(B))
+        block_h = 32 if triton.cdiv(B, block_b) * triton.cdiv(H, 32) >= _TARGET_PROGRAMS else 16
         block_k = 64
     block_k = min(block_k, max(16, triton.next_power_of_2(H)))
-    rows = min(_BWD_ROWS_PER_PROGRAM, max(16, triton.next_power_of_2(B)))  # powers of two
-    bwd_block_b = min(64, rows)
+
+    bwd_block_b, bwd_block_h = 16, 16
+    elem_bytes = 4 if dtype == "fp32" else 2
+    bwd_num_warps = max(1, bwd_block_b * bwd_block_h * elem_bytes // (32 * _BWD_VECTOR_BYTES))
+    n_h = triton.cdiv(H, bwd_block_h)
+    rows = bwd_block_b
+    while rows * 2 <= _BWD_MAX_ROWS_PER_PROGRAM and triton.cdiv(B, rows * 2) * n_h >= _BWD_TARGET_PROGRAMS:
+        rows *= 2
     return LaunchConfig(
         fwd_block_b=block_b,
         fwd_block_h=block_h,
@@ -279,9 +302,9 @@ def _launch_config(B: int, H: int, dtype: str) -> LaunchConfig:
         fwd_num_warps=4,
         fwd_num_stages=3 if dtype != "fp32" else 2,
         bwd_block_b=bwd_block_b,
-        bwd_block_h=16,
+        bwd_block_h=bwd_block_h,
         bwd_rows_per_program=rows,
-        bwd_num_warps=4,
+        bwd_num_warps=bwd_num_warps,
     )
 
 
@@ -380,7 +403,8 @@ def lstm_cell_backward_gates(
         # One row block: the kernel's column sums are the bias gradient itself.
         d_bias_parts = torch.empty((4 * H,), dtype=c.dtype, device=c.device)
     elif has_bias:
-        # Several row blocks: fp32 partial sums, reduced below.
+        # Several row blocks: fp32 partial sums (one row per row block), reduced below with
+        # torch.sum -- a fixed order, so the bias gradient is reproducible (no atomics).
         d_bias_parts = torch.empty((grid[0], 4 * H), dtype=torch.float32, device=c.device)
     else:
         d_bias_parts = torch.empty((0,), dtype=c.dtype, device=c.device)

@@ -8,6 +8,7 @@ Triton op really ran (its autograd node), so a silent fallback to the reference 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
@@ -162,16 +163,38 @@ def test_strided_inputs():
         _close(g, r, what="strided grads")
 
 
-def test_bias_grad_over_several_row_blocks():
-    """B above one backward program's rows: the bias gradient is summed from fp32 partials."""
-    B, H = 300, 16
-    assert lstm_mod._launch_config(B, H, "fp32").bwd_grid(B, H)[0] > 1
+def _check_grads_vs_reference(B, H, what):
     ins = _make(B, H)
     _, grads, h_new = _outputs_and_grads(lstm_cell, ins)
     _assert_triton_ran(h_new)
     _, ref_grads, _ = _outputs_and_grads(lstm_cell_ref, ins)
-    for g, r in zip(grads, ref_grads):
-        _close(g, r, rtol=1e-5, atol=5e-5, what="B=300")
+    for name, g, r in zip(["gates_x", "h", "c", "w_hh", "bias"], grads, ref_grads):
+        _close(g, r, rtol=1e-5, atol=5e-5, what=f"{what}: d_{name}")
+
+
+def test_bias_grad_over_several_row_blocks():
+    """Several backward row blocks (the last one partial): the bias gradient is the host sum of
+    the per-row-block fp32 partials."""
+    B, H = 300, 24  # 19 row blocks x 2 unit blocks, both last blocks partial
+    cfg = lstm_mod._launch_config(B, H, "fp32")
+    assert cfg.bwd_grid(B, H)[0] > 1 and B % cfg.bwd_rows_per_program and H % cfg.bwd_block_h
+    _check_grads_vs_reference(B, H, "B=300")
+
+
+def test_bias_grad_with_several_tiles_per_program(monkeypatch):
+    """Large batches make each backward program walk several BLOCK_B-row tiles (its bias partial
+    covers all of them). Forced here at a small size: 64 rows per program, so the last program
+    has one full tile, one partial tile and two fully masked ones."""
+    real = lstm_mod._launch_config
+
+    def walking(B, H, dtype):
+        return dataclasses.replace(real(B, H, dtype), bwd_rows_per_program=64)
+
+    monkeypatch.setattr(lstm_mod, "_launch_config", walking)
+    B, H = 150, 16
+    cfg = walking(B, H, "fp32")
+    assert cfg.bwd_rows_per_program == 4 * cfg.bwd_block_b and cfg.bwd_grid(B, H)[0] == 3
+    _check_grads_vs_reference(B, H, "64 rows per program")
 
 
 def test_partial_requires_grad_and_no_grad():
@@ -264,7 +287,7 @@ def test_public_exports():
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("B, H", [(1, 40), (5, 72), (256, 512), (1000, 512), (300, 16)])
+@pytest.mark.parametrize("B, H", [(1, 40), (5, 72), (256, 512), (1000, 512), (300, 16), (100_000, 512)])
 def test_launch_config_is_legal(dtype, B, H):
     cfg = _launch_config(B, H, dtype)
     for name in ("fwd_block_b", "fwd_block_h", "fwd_block_k", "bwd_block_b", "bwd_block_h"):
@@ -275,6 +298,31 @@ def test_launch_config_is_legal(dtype, B, H):
     assert gb * cfg.fwd_block_b >= B and gh * cfg.fwd_block_h >= H
     rb, rh = cfg.bwd_grid(B, H)
     assert rb * cfg.bwd_rows_per_program >= B and rh * cfg.bwd_block_h >= H
+    assert cfg.bwd_rows_per_program <= lstm_mod._BWD_MAX_ROWS_PER_PROGRAM
+    if cfg.bwd_rows_per_program > cfg.bwd_block_b:  # longer row walks only when the grid stays wide
+        assert rb * rh >= lstm_mod._BWD_TARGET_PROGRAMS
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_backward_spreads_over_the_gpu_at_benchmark_size(dtype):
+    """B=256, H=512: at least two backward programs per SM of an H100/H200 (132 SMs), each thread
+    handling one 16-byte vector per gate and stream, and the bias gradient split over several
+    row blocks (so the fp32 partial-sum reduction is what runs there)."""
+    B, H = 256, 512
+    cfg = _launch_config(B, H, dtype)
+    rb, rh = cfg.bwd_grid(B, H)
+    assert rb * rh >= 2 * 132, f"backward grid {rb}x{rh}"
+    assert rb > 1
+    elem_bytes = 4 if dtype == "fp32" else 2
+    threads = 32 * cfg.bwd_num_warps
+    assert cfg.bwd_block_b * cfg.bwd_block_h * elem_bytes == threads * 16
+    assert cfg.bwd_rows_per_program == cfg.bwd_block_b  # one tile per program at this size
+
+
+def test_backward_row_walk_grows_only_for_large_batches():
+    small, large = _launch_config(256, 512, "bf16"), _launch_config(100_000, 512, "bf16")
+    assert small.bwd_rows_per_program == small.bwd_block_b
+    assert large.bwd_rows_per_program > large.bwd_block_b
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
@@ -302,6 +350,10 @@ def test_registry_configs(dtype):
     bwd_cfg = bwd.configs(dtype)[0]
     assert bwd_cfg.constexprs["ROWS_PER_PROGRAM"] == launch.bwd_rows_per_program
     assert bwd_cfg.constexprs["BLOCK_B"] == launch.bwd_block_b
+    assert bwd_cfg.constexprs["BLOCK_H"] == launch.bwd_block_h
+    assert bwd_cfg.num_warps == launch.bwd_num_warps
+    # several row blocks at the benchmark size: the launcher passes an fp32 partial-sum buffer
+    assert bwd_cfg.signature["dbias_ptr"] == "*fp32"
 
 
 # --- GPU --------------------------------------------------------------------------------------
@@ -344,6 +396,24 @@ def test_interpreter_fp16_error_rule():
 @pytest.mark.parametrize("B, H, bias", [(1, 40, True), (5, 72, False), (70, 64, True), (256, 512, True)])
 def test_gpu_low_precision(dtype, B, H, bias):
     _lowp_check(dtype, B, H, bias)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_bias_grad_deterministic(dtype):
+    """The bias gradient (fp32 partials per row block, summed on the host; no atomics) is
+    bitwise reproducible and equals the column sums of the fp32 gate gradients."""
+    B, H = 256, 512
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dh, dc, c = (torch.randn(B, H, device="cuda", generator=g).to(dtype) for _ in range(3))
+    gates = torch.rand(B, 4 * H, device="cuda", generator=g).to(dtype)
+    gates[:, 2 * H : 3 * H] = gates[:, 2 * H : 3 * H] * 2 - 1  # the g gate is a tanh
+    outs = [torch.ops.c2f_fast.lstm_cell_bwd_gates(dh, dc, c, gates, True) for _ in range(2)]
+    assert torch.equal(outs[0][2], outs[1][2]) and torch.equal(outs[0][0], outs[1][0])
+    expected = outs[0][0].float().sum(0)  # from the rounded d_gates: agrees up to that rounding
+    atol = 1e-5 if dtype == torch.float32 else 1e-2 * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(outs[0][2].float(), expected, rtol=1e-2, atol=atol)
 
 
 @requires_cuda
