@@ -15,7 +15,9 @@ _EXPORTS = {
     "make_synthetic": "synthetic",
     "build_loader": "loaders",
     "BadImageError": "images",
+    "BadImageReport": "images",
     "check_image": "images",
+    "scan_images": "images",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,291 @@
+"""Image loaders: an NVIDIA DALI pipeline (the fast path) and a torchvision ``DataLoader`` (the baseline).
+
+Both backends yield ``(images, targets, indices)``:
+
+- ``images``: ``[B, 3, S, S]`` in ``dtype`` (float32, float16 or bfloat16), RGB, normalised with the
+  ImageNet mean/std (the torchvision VGG-16 weights expect it);
+- ``targets``: ``[B, C]`` int8, the dataset's rows ``dataset.targets[indices]`` (1 / 0 / -1);
+- ``indices``: ``[B]`` int64, the dataset indices of the images,
+
+all on ``device`` (None: CPU). The two backends compute the same function:
+
+- evaluation: decode, resize the whole image to ``S x S`` (aspect ratio not kept: multi-label
+  models need every object, a centre crop could cut some off; ML-GCN does the same), bilinear with
+  antialiasing when shrinking (DALI ``INTERP_LINEAR`` + ``antialias``; torchvision ``BILINEAR`` +
+  ``antialias=True``: both a triangle filter widened by the scale), then normalise;
+- training: a random-resized crop (area fraction in ``crop_scale``, aspect ratio in ``crop_ratio``,
+  10 attempts, the torchvision algorithm) resized to ``S x S`` the same way, a horizontal flip with
+  probability 1/2, then normalise. DALI decodes only the crop (``decoders.image_random_crop``,
+  ROI decoding); the baseline decodes the whole image and then crops. The two backends draw from
+  the same distribution with different generators: same seed, different crops.
+- EXIF orientation is not applied (boxes in VOC/COCO refer to the stored pixels); grayscale, CMYK
+  and 16-bit images come out as 8-bit RGB.
+
+Epochs and shards (``shard_id`` of ``num_shards``, e.g. one per GPU):
+
+- evaluation visits every (kept) image exactly once per epoch over all shards, in dataset order;
+  shard ``k`` holds the contiguous slice ``[floor(k N / K), floor((k+1) N / K))`` (DALI's
+  partition, used by both backends) and yields ``ceil(len(slice) / B)`` batches, the last one
+  partial. Shards may then differ by one batch, which is fine for evaluation (no collective per
+  step: gather the outputs at the end).
+- training draws one global permutation per epoch, the same on every shard (same ``seed``), and
+  gives shard ``k`` the same contiguous slice of it. Every shard yields the same number of full
+  batches, ``(N // K) // B``, so data-parallel ranks run the same number of steps and batch shapes
+  stay static (compiled / graph-captured training steps); the (at most ``B``) images left over at
+  the end of a shard's slice are not used in that epoch (a different random few each epoch).
+
+Bad images: ``build_loader`` scans the images up front with :func:`c2f_fast.data.images.check_image`
+(``verify="header"``: stat + the header + the last KiB, ~50 us per file; ``"decode"``: a full PIL
+decode; ``"none"``). With ``on_bad_image="error"`` it raises :class:`BadImageError` naming the file
+and the problem before any decoding starts; with ``"skip"`` it removes the bad images from the
+epoch, lists them in ``loader.report`` and logs a warning with the count. A decoder error during
+iteration (corruption the cheap scan cannot see) is raised as :class:`BadImageError` naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .images import BadImageError, BadImageReport, scan_images
+from .records import MultiLabelSet
+
+log = logging.getLogger(__name__)
+
+#: ImageNet statistics of RGB in [0, 1] (torchvision's pretrained weights).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Default area fraction of the training crop. torchvision's ImageNet default (0.08, 1) keeps as
+#: little as 8 % of the image: with image-level multi-label targets, such crops often cut every
+#: instance of a labelled class away and the target row becomes wrong. A quarter keeps most objects.
+DEFAULT_CROP_SCALE = (0.25, 1.0)
+DEFAULT_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+BACKENDS = ("dali", "torch")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_VERIFY = ("header", "decode", "none")
+_ON_BAD = ("error", "skip")
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """The settings both backends share (validated by :func:`build_loader`)."""
+
+    batch_size: int
+    train: bool
+    image_size: int
+    device: torch.device
+    num_workers: int
+    shard_id: int
+    num_shards: int
+    seed: int
+    dtype: torch.dtype
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    prefetch: int
+
+
+def shard_bounds(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """``[start, end)`` of shard ``shard_id`` over ``n`` samples: DALI's reader partition."""
+    return (shard_id * n) // num_shards, ((shard_id + 1) * n) // num_shards
+
+
+def sample_seed(*keys: int) -> int:
+    """A 63-bit seed mixing ``keys`` (seed, epoch, shard, index): no overlap between nearby keys."""
+    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+class ImageLoader(ABC):
+    """An epoch-iterable loader of ``(images, targets, indices)`` batches (see the module docstring).
+
+    Attributes: ``dataset``; ``indices`` (the dataset indices the loader draws from: all of them
+    minus skipped bad images); ``config``; ``report`` (:class:`BadImageReport`); ``backend``.
+    """
+
+    backend: str = ""
+
+    def __init__(
+        self, dataset: MultiLabelSet, indices: np.ndarray, config: LoaderConfig, report: BadImageReport
+    ) -> None:
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.config = config
+        self.report = report
+        n = len(self.indices)
+        start, end = shard_bounds(n, config.shard_id, config.num_shards)
+        self.shard_size = end - start
+        if config.train:
+            self._steps = (n // config.num_shards) // config.batch_size
+        else:
+            self._steps = math.ceil(self.shard_size / config.batch_size)
+        # Targets live on the output device once; a batch's rows are gathered there by index.
+        self._targets = torch.from_numpy(np.ascontiguousarray(dataset.targets)).to(config.device)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this shard."""
+        return self._steps
+
+    @property
+    def num_samples(self) -> int:
+        """Images per epoch on this shard."""
+        return self._steps * self.config.batch_size if self.config.train else self.shard_size
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def _gather_targets(self, indices: torch.Tensor) -> torch.Tensor:
+        return self._targets.index_select(0, indices.to(self._targets.device))
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"{type(self).__name__}(n={len(self.indices)}, batch_size={c.batch_size}, train={c.train}, "
+            f"image_size={c.image_size}, shard={c.shard_id}/{c.num_shards}, device={c.device}, "
+            f"dtype={c.dtype}, batches={len(self)}, skipped={self.report.count})"
+        )
+
+
+def _resolve_device(device: torch.device | str | int | None) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {dev} requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"device: expected None, 'cpu' or a CUDA device, got {dev}")
+    return dev
+
+
+def _check_range(name: str, value: tuple[float, float], low: float, high: float) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a pair (min, max), got {value!r}") from None
+    if not (low < a <= b <= high):
+        raise ValueError(f"{name}: expected {low} < min <= max <= {high}, got ({a}, {b})")
+    return a, b
+
+
+def build_loader(
+    dataset: MultiLabelSet,
+    batch_size: int,
+    train: bool,
+    image_size: int,
+    backend: str = "dali",
+    device: torch.device | str | int | None = None,
+    num_workers: int = 4,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    seed: int = 0,
+    on_bad_image: str = "error",
+    dtype: torch.dtype = torch.float32,
+    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
+    crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
+    verify: str = "header",
+    prefetch: int = 2,
+) -> ImageLoader:
+    """Build a loader over ``dataset`` (see the module docstring for what it yields and how).
+
+    Args:
+        dataset: the images and their int8 target rows.
+        batch_size: images per batch (the last evaluation batch of a shard may be smaller).
+        train: random-resized crop + flip, reshuffled every epoch, full batches only; else resize,
+            dataset order, every image exactly once.
+        image_size: side ``S`` of the square output.
+        backend: ``"dali"`` (DALI pipeline; decodes on the GPU with nvJPEG when ``device`` is CUDA)
+            or ``"torch"`` (torchvision decode + transforms v2 in a ``DataLoader``).
+        device: where the batches are delivered: None / ``"cpu"``, or a CUDA device.
+        num_workers: DALI CPU threads, or ``DataLoader`` worker processes (0: in-process).
+        shard_id, num_shards: this process's shard (e.g. its data-parallel rank and world size).
+        seed: shuffling and augmentation seed; the same on every shard (the shards then share one
+            permutation per epoch and split it).
+        on_bad_image: ``"error"`` (raise :class:`BadImageError` before any decoding) or ``"skip"``
+            (leave bad images out; listed in ``loader.report``).
+        dtype: image dtype: ``torch.float32``, ``torch.float16`` or ``torch.bfloat16``.
+        crop_scale, crop_ratio: area fraction and aspect-ratio (w/h) ranges of the training crop.
+        verify: up-front check of every image: ``"header"`` (cheap), ``"decode"`` (full PIL decode,
+            milliseconds per image) or ``"none"``.
+        prefetch: batches prepared ahead (DALI queue depth; ``DataLoader`` prefetch per worker).
+    """
+    if not isinstance(dataset, MultiLabelSet):
+        raise ValueError(f"dataset: expected a MultiLabelSet, got {type(dataset).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size: expected a positive int, got {image_size!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers: expected an int >= 0, got {num_workers!r}")
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards: expected a positive int, got {num_shards!r}")
+    if not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id: expected 0 <= shard_id < num_shards={num_shards}, got {shard_id!r}")
+    if on_bad_image not in _ON_BAD:
+        raise ValueError(f"on_bad_image: expected one of {_ON_BAD}, got {on_bad_image!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected one of {_DTYPES}, got {dtype!r}")
+    if verify not in _VERIFY:
+        raise ValueError(f"verify: expected one of {_VERIFY}, got {verify!r}")
+    if not isinstance(prefetch, int) or prefetch < 1:
+        raise ValueError(f"prefetch: expected a positive int, got {prefetch!r}")
+    config = LoaderConfig(
+        batch_size=batch_size,
+        train=bool(train),
+        image_size=image_size,
+        device=_resolve_device(device),
+        num_workers=num_workers,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        seed=int(seed),
+        dtype=dtype,
+        crop_scale=_check_range("crop_scale", crop_scale, 0.0, 1.0),
+        crop_ratio=_check_range("crop_ratio", crop_ratio, 0.0, math.inf),
+        prefetch=prefetch,
+    )
+
+    # Scan every image (not only this shard's): the partition into shards depends on which images
+    # are kept, so all shards must agree on the kept set.
+    report = BadImageReport(verify=verify)
+    indices = np.arange(len(dataset), dtype=np.int64)
+    if verify != "none":
+        bad, seconds = scan_images(dataset.image_paths, decode=verify == "decode", num_threads=max(1, num_workers))
+        report.checked, report.seconds = len(dataset), seconds
+        if bad and on_bad_image == "error":
+            _, path, problem = bad[0]
+            raise BadImageError(path, problem, others=[(p, q) for _, p, q in bad[1:]])
+        if bad:
+            report.skipped = bad
+            indices = np.setdiff1d(indices, [i for i, _, _ in bad])
+            log.warning("skipping %d bad image(s) of %d: %s", len(bad), len(dataset),
+                        "; ".join(f"{p}: {q}" for _, p, q in bad[:5]) + (" ..." if len(bad) > 5 else ""))
+
+    n = len(indices)
+    if n < num_shards:
+        raise ValueError(f"num_shards: {num_shards} shards for {n} usable image(s); every shard needs one")
+    if train and n // num_shards < batch_size:
+        raise ValueError(
+            f"batch_size: {batch_size} exceeds the {n // num_shards} training images per shard "
+            f"({n} usable images, {num_shards} shard(s)); an epoch would have no full batch"
+        )
+
+    if backend == "dali":
+        from .dali_pipeline import DaliLoader
+
+        return DaliLoader(dataset, indices, config, report)
+    from .torch_pipeline import TorchLoader
+
+    return TorchLoader(dataset, indices, config, report)

@@ -1,0 +1,250 @@
+"""The torchvision backend of :func:`c2f_fast.data.build_loader`: the baseline the benchmarks compare
+the DALI pipeline against (see ``loaders.py`` for the contract both follow).
+
+A map-style ``Dataset`` decodes with ``torchvision.io.decode_image(mode=RGB)`` (libjpeg-turbo,
+libpng, libwebp; grayscale and CMYK JPEGs come out as 3-channel RGB) and transforms with
+``torchvision.transforms.v2.functional``: ``resized_crop`` + ``horizontal_flip`` for training,
+``resize`` for evaluation, on uint8 tensors. A ``DataLoader`` runs it in ``num_workers`` processes and
+collates uint8 batches; normalisation (and the cast to ``dtype``) happens on ``device`` after the
+transfer, which moves a quarter of the bytes of float32 over PCIe.
+
+Randomness: the batch sampler hands every sample a seed derived from ``(seed, epoch, index)``, and
+the crop and flip are drawn from a generator seeded with it. Augmentation is thus reproducible and
+independent of the number of workers and of which worker gets which sample (the global RNG of a
+worker depends on both).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import multiprocessing.context
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from .images import BadImageError, BadImageReport, check_image
+from .loaders import IMAGENET_MEAN, IMAGENET_STD, Batch, ImageLoader, LoaderConfig, sample_seed, shard_bounds
+from .records import MultiLabelSet
+
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec and warns at every call
+# (hundreds of times per epoch). They remain the baseline here (torchvision >= 0.21 is what the
+# project supports); silence that one message only.
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision are deprecated",
+    category=DeprecationWarning,
+)
+
+
+def random_resized_crop_params(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
+) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a random-resized crop: torchvision's ``RandomResizedCrop.get_params``
+    algorithm (10 tries of area x aspect ratio, then a centre crop clamped to ``ratio``), drawing from
+    ``generator`` instead of the global RNG (which ``get_params`` uses and cannot be given)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item())
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    """The image at ``path`` as a uint8 ``[3, H, W]`` RGB tensor (raises on undecodable data)."""
+    # No EXIF rotation (torchvision's default; the DALI pipeline turns its own off to match).
+    image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+    if image.dtype != torch.uint8:  # 16-bit PNG: torchvision keeps 16 bits, DALI converts to 8
+        image = TF.to_dtype(image, torch.uint8, scale=True)
+    if image.shape[0] != 3:
+        # Not seen with torchvision 0.21+ (CMYK and grayscale JPEGs decode to RGB; tested), but an
+        # older build returned CMYK as 4 channels: fall back to PIL's conversion.
+        from PIL import Image
+
+        with Image.open(path) as pil:
+            image = torch.from_numpy(np.asarray(pil.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+    return image
+
+
+class ImageFileDataset(Dataset):
+    """Decodes and transforms one image per ``(dataset index, sample seed)`` key.
+
+    Returns ``(uint8 [3, S, S] or None, index, problem or None)``: a decode failure is returned,
+    not raised, so that the main process can raise :class:`BadImageError` with the file's name
+    (an exception raised in a worker reaches the main process re-created from its message only).
+    """
+
+    def __init__(self, paths: list[str], config: LoaderConfig) -> None:
+        self.paths = paths
+        self.size = [config.image_size, config.image_size]
+        self.train = config.train
+        self.crop_scale = config.crop_scale
+        self.crop_ratio = config.crop_ratio
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, int, str | None]:
+        index, seed = key
+        path = self.paths[index]
+        try:
+            image = decode_rgb(path)
+        except Exception as err:  # noqa: BLE001 -- reported with the file name by the main process
+            problem = check_image(path, decode=True) or f"torchvision cannot decode it ({type(err).__name__}: {err})"
+            return None, index, problem
+        if self.train:
+            generator = torch.Generator().manual_seed(seed)
+            top, left, h, w = random_resized_crop_params(
+                image.shape[-2], image.shape[-1], self.crop_scale, self.crop_ratio, generator
+            )
+            image = TF.resized_crop(
+                image, top, left, h, w, self.size, interpolation=InterpolationMode.BILINEAR, antialias=True
+            )
+            if torch.rand(1, generator=generator).item() < 0.5:
+                image = TF.horizontal_flip(image)
+        else:
+            image = TF.resize(image, self.size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        return image, index, None
+
+
+@dataclass
+class _Failed:
+    """A collated batch in which some images failed to decode: ``[(index, problem), ...]``."""
+
+    errors: list[tuple[int, str]]
+
+
+def _collate(items: list[tuple[torch.Tensor | None, int, str | None]]) -> tuple[torch.Tensor, torch.Tensor] | _Failed:
+    errors = [(index, problem) for image, index, problem in items if problem is not None]
+    if errors:
+        return _Failed(errors)
+    images = torch.stack([image for image, _, _ in items])
+    indices = torch.tensor([index for _, index, _ in items], dtype=torch.int64)
+    return images, indices
+
+
+class ShardBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(dataset index, sample seed)`` for one shard and one epoch (``self.epoch``).
+
+    The same partition as DALI's reader: shard ``k`` of ``K`` takes ``[floor(kN/K), floor((k+1)N/K))``
+    of the (per-epoch permuted, in training) list of kept indices.
+    """
+
+    def __init__(self, indices: np.ndarray, config: LoaderConfig, steps: int) -> None:
+        self.indices = indices
+        self.config = config
+        self.steps = steps
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        c = self.config
+        n = len(self.indices)
+        order = self.indices
+        if c.train:  # one permutation per epoch, the same on every shard
+            order = order[np.random.default_rng(sample_seed(c.seed, self.epoch, 0)).permutation(n)]
+        start, end = shard_bounds(n, c.shard_id, c.num_shards)
+        mine = order[start:end]
+        if c.train:
+            mine = mine[: self.steps * c.batch_size]
+        for begin in range(0, len(mine), c.batch_size):
+            chunk = mine[begin : begin + c.batch_size]
+            if c.train:
+                yield [(int(i), sample_seed(c.seed, self.epoch, int(i), 2)) for i in chunk]
+            else:
+                yield [(int(i), 0) for i in chunk]
+
+
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """How ``DataLoader`` workers start: ``None`` (the platform default, fork on Linux) unless DALI
+    is loaded in this process, then a fork server.
+
+    Forking a process in which other threads run can hand the child a lock that one of them held at
+    the fork, and the child hangs. DALI's pipeline threads keep running (prefetching) between
+    epochs; with DALI loaders alive in the parent, forked torch workers hung in 3 of 3 runs of
+    ``tests/test_bad_images.py``, and in none of several with a fork server. The fork server is a
+    fresh process: it imports this module (torch, torchvision) once, seconds for the first loader,
+    and forks the workers from there (~0.1 s for later loaders). Like "spawn", it needs the main
+    script to guard its entry point with ``if __name__ == "__main__":``.
+    """
+    if "nvidia.dali" not in sys.modules:
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+class TorchLoader(ImageLoader):
+    """:class:`ImageLoader` over a torch ``DataLoader`` (built by :func:`c2f_fast.data.build_loader`).
+
+    The epoch counter advances at every ``iter()``; :meth:`set_epoch` sets it (e.g. on resume).
+    """
+
+    backend = "torch"
+
+    def __init__(
+        self, dataset: MultiLabelSet, indices: np.ndarray, config: LoaderConfig, report: BadImageReport
+    ) -> None:
+        super().__init__(dataset, indices, config, report)
+        self.epoch = 0
+        self.sampler = ShardBatchSampler(self.indices, config, self._steps)
+        workers = config.num_workers
+        self.dataloader = DataLoader(
+            ImageFileDataset(list(dataset.image_paths), config),
+            batch_sampler=self.sampler,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=config.device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=config.prefetch if workers > 0 else None,
+            multiprocessing_context=worker_context() if workers > 0 else None,
+        )
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor([255.0 * m for m in IMAGENET_MEAN], device=config.device).view(shape)
+        self._std = torch.tensor([255.0 * s for s in IMAGENET_STD], device=config.device).view(shape)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` run epoch ``epoch`` (its shuffle and augmentation)."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.sampler.epoch = self.epoch
+        self.epoch += 1
+        return self._epoch()
+
+    def _epoch(self) -> Iterator[Batch]:
+        device = self.config.device
+        for batch in self.dataloader:
+            if isinstance(batch, _Failed):
+                index, problem = batch.errors[0]
+                others = [(self.dataset.image_paths[i], p) for i, p in batch.errors[1:]]
+                raise BadImageError(self.dataset.image_paths[index], problem, others=others)
+            images, indices = batch
+            images = images.to(device, non_blocking=True)
+            indices = indices.to(device, non_blocking=True)
+            images = images.float().sub_(self._mean).div_(self._std).to(self.config.dtype)
+            yield images, self._gather_targets(indices), indices
