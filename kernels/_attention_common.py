@@ -24,17 +24,12 @@ import triton
 import triton.language as tl
 
 from ._utils import TRITON_DTYPES, use_triton
+from .registry import BENCH_B, BENCH_LS
 
 #: Programs a launch aims for: about 8 resident programs on each SM of an H100/H200 (132 SMs).
 #: Fixed rather than read off the device so that ``configs()`` gives the same answer on a machine
 #: without a GPU as the launcher does on one.
 TARGET_PROGRAMS = 1024
-
-#: The benchmark sizes at which ``configs(dtype)`` reports launch configurations (see registry).
-BENCH_B = 256
-BENCH_LS = (196, 784)
-BENCH_D = 512
-BENCH_A = 512
 
 
 # ----------------------------------------------------------------------------------------------

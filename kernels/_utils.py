@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.library import wrap_triton
 
 TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -12,6 +13,21 @@ TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "
 def interpret_mode() -> bool:
     """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    """Triton's name of a tensor's dtype ("fp32", "bf16", "fp16")."""
+    return TRITON_DTYPES[t.dtype]
+
+
+def launchable(fn):
+    """``wrap_triton(fn)`` so that ``torch.compile`` traces the launch; under the interpreter the
+    plain (interpreted) kernel.
+
+    Older torch releases reject the interpreter's ``InterpretedFunction`` in ``wrap_triton``; the
+    interpreter only runs eagerly on CPU anyway, where nothing needs tracing.
+    """
+    return fn if interpret_mode() else wrap_triton(fn)
 
 
 def use_triton(*tensors: torch.Tensor | None) -> bool:

@@ -19,11 +19,11 @@ from typing import Any, Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import _attention_common as common
-from ._utils import TRITON_DTYPES
-from .registry import KernelSpec, register_kernel
+from ._utils import dtype_name, launchable
+from .registry import BENCH_A, BENCH_B, BENCH_D, KernelSpec, register_kernel
 
 __all__ = ["additive_attention", "additive_attention_ref"]
 
@@ -326,7 +326,7 @@ _BWD_KINDS = dict(
 
 
 def _registry(kernel: Any, which: str, kinds: dict[str, str], flags: dict[str, Any]) -> dict[str, Any]:
-    B, D, A = common.BENCH_B, common.BENCH_D, common.BENCH_A
+    B, D, A = BENCH_B, BENCH_D, BENCH_A
 
     def constexprs_for(dtype: str) -> dict[str, Any]:
         if which == "combine":
@@ -387,13 +387,9 @@ register_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _dtype_name(t: torch.Tensor) -> str:
-    return TRITON_DTYPES[t.dtype]
-
-
 def _fast_tanh(t: torch.Tensor) -> bool:
     # The interpreter (CPU) cannot run inline PTX; it only sees fp32 anyway.
-    return t.is_cuda and common.use_fast_tanh(_dtype_name(t))
+    return t.is_cuda and common.use_fast_tanh(dtype_name(t))
 
 
 @triton_op("c2f_fast::additive_attention", mutates_args=())
@@ -412,7 +408,7 @@ def _additive_attention_op(
     prior = None if prior is None else common.contiguous(prior)
     B, L, D = feats.shape
     A = feats_proj.shape[2]
-    launch = _launch_config(B, L, D, A, _dtype_name(feats_proj))
+    launch = _launch_config(B, L, D, A, dtype_name(feats_proj))
     fwd, combine = launch["fwd"], launch["combine"]
     n_split = fwd.ints["N_SPLIT"]
     context = feats.new_empty((B, D))
@@ -423,14 +419,14 @@ def _additive_attention_op(
     part_sum = feats.new_empty((B, n_split), dtype=torch.float32)
     part_ctx = feats.new_empty((B, n_split, D), dtype=torch.float32)
     if B > 0:
-        wrap_triton(_additive_attention_fwd_kernel)[fwd.grid](
+        launchable(_additive_attention_fwd_kernel)[fwd.grid](
             feats, feats_proj, query_proj, v, prior if prior is not None else common.placeholder(feats),
             weights32, part_max, part_sum, part_ctx,
             L, fwd.ints["BLOCKS_PER_SPLIT"],
             D=D, A=A, HAS_PRIOR=prior is not None, FAST_TANH=_fast_tanh(feats_proj),
             **fwd.kwargs(),
         )
-        wrap_triton(_additive_attention_combine_kernel)[combine.grid](
+        launchable(_additive_attention_combine_kernel)[combine.grid](
             part_max, part_sum, part_ctx, weights32,
             context, context32, weights,
             L, n_split,
@@ -463,7 +459,7 @@ def _additive_attention_backward_op(
     B, L, D = feats.shape
     A = feats_proj.shape[2]
     need_dprior = need_dprior and prior is not None
-    bwd = _launch_config(B, L, D, A, _dtype_name(feats_proj))["bwd"]
+    bwd = _launch_config(B, L, D, A, dtype_name(feats_proj))["bwd"]
     n_split = bwd.ints["N_SPLIT"]
     dfeats = torch.empty_like(feats) if need_dfeats else common.placeholder(feats)
     dfeats_proj = torch.empty_like(feats_proj)
@@ -471,7 +467,7 @@ def _additive_attention_backward_op(
     part_dq = feats.new_empty((B, n_split, A), dtype=torch.float32)
     part_dv = feats.new_empty((B, n_split, A), dtype=torch.float32)
     if B > 0:
-        wrap_triton(_additive_attention_bwd_kernel)[bwd.grid](
+        launchable(_additive_attention_bwd_kernel)[bwd.grid](
             feats, feats_proj, query_proj, v, prior if prior is not None else common.placeholder(feats),
             weights32, context32, dcontext,
             dweights if dweights is not None else common.placeholder(feats),

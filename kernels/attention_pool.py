@@ -16,11 +16,11 @@ from typing import Any, Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import _attention_common as common
-from ._utils import TRITON_DTYPES
-from .registry import KernelSpec, register_kernel
+from ._utils import dtype_name, launchable
+from .registry import BENCH_B, BENCH_D, KernelSpec, register_kernel
 
 __all__ = ["attention_pool", "attention_pool_ref"]
 
@@ -227,9 +227,9 @@ _BWD_KINDS = dict(
 def _registry(kernel: Any, which: str, kinds: dict[str, str], flags: dict[str, Any]) -> dict[str, Any]:
     configs, scalars = common.bench_registry(
         kernel, which, kinds,
-        launch_for=lambda L, dtype: _launch_config(common.BENCH_B, L, common.BENCH_D, dtype),
-        constexprs_for=lambda dtype: dict(D=common.BENCH_D, **flags),
-        sizes=f"D={common.BENCH_D}",
+        launch_for=lambda L, dtype: _launch_config(BENCH_B, L, BENCH_D, dtype),
+        constexprs_for=lambda dtype: dict(D=BENCH_D, **flags),
+        sizes=f"D={BENCH_D}",
     )
     return dict(configs=configs, extra={"scalars": scalars})
 
@@ -268,10 +268,6 @@ register_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _dtype_name(t: torch.Tensor) -> str:
-    return TRITON_DTYPES[t.dtype]
-
-
 @triton_op("c2f_fast::attention_pool", mutates_args=())
 def _attention_pool_op(
     feats: torch.Tensor, scores: torch.Tensor, prior: Optional[torch.Tensor]
@@ -287,8 +283,8 @@ def _attention_pool_op(
     context32 = feats.new_empty((B, D), dtype=torch.float32)
     weights32 = feats.new_empty((B, L), dtype=torch.float32)
     if B > 0:
-        launch = _launch_config(B, L, D, _dtype_name(feats))["fwd"]
-        wrap_triton(_attention_pool_fwd_kernel)[launch.grid](
+        launch = _launch_config(B, L, D, dtype_name(feats))["fwd"]
+        launchable(_attention_pool_fwd_kernel)[launch.grid](
             feats, scores, prior if prior is not None else common.placeholder(feats),
             context, weights, context32, weights32,
             L,
@@ -321,8 +317,8 @@ def _attention_pool_backward_op(
     dscores = torch.empty((B, L), dtype=dscores_dtype, device=feats.device)
     dprior = torch.empty_like(prior) if need_dprior else common.placeholder(feats)
     if B > 0:
-        launch = _launch_config(B, L, D, _dtype_name(feats))["bwd"]
-        wrap_triton(_attention_pool_bwd_kernel)[launch.grid](
+        launch = _launch_config(B, L, D, dtype_name(feats))["bwd"]
+        launchable(_attention_pool_bwd_kernel)[launch.grid](
             feats, prior if prior is not None else common.placeholder(feats), weights32, context32,
             dcontext, dweights if dweights is not None else common.placeholder(feats),
             dfeats, dscores, dprior,

@@ -40,10 +40,10 @@ from functools import lru_cache
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._utils import TRITON_DTYPES, interpret_mode, use_triton
-from .registry import CompileConfig, KernelSpec, register_kernel
+from ._utils import TRITON_DTYPES, dtype_name, launchable, use_triton
+from .registry import BENCH_B, BENCH_H, CompileConfig, KernelSpec, register_kernel
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -313,15 +313,6 @@ def _launch_config(B: int, H: int, dtype: str) -> LaunchConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _kernel(fn):
-    """``wrap_triton`` for tracing; under the interpreter the plain (interpreted) kernel.
-
-    Older torch releases reject the interpreter's ``InterpretedFunction`` in ``wrap_triton``; the
-    interpreter only runs eagerly on CPU anyway, where nothing needs tracing.
-    """
-    return fn if interpret_mode() else wrap_triton(fn)
-
-
 def _rows_unit_stride(t: torch.Tensor) -> torch.Tensor:
     """The kernels take a row stride but need unit stride along the last dim (and 16-byte
     alignment along rows for vector loads); anything else is copied once."""
@@ -344,12 +335,12 @@ def lstm_cell_forward(
     w_hh = w_hh.contiguous()
     B, H = h.shape
     # int(): under torch.compile with dynamic shapes B may be symbolic; tiles are picked per size.
-    cfg = _launch_config(int(B), int(H), TRITON_DTYPES[h.dtype])
+    cfg = _launch_config(int(B), int(H), dtype_name(h))
     h_new = torch.empty((B, H), dtype=h.dtype, device=h.device)
     c_new = torch.empty((B, H), dtype=h.dtype, device=h.device)
     gates = torch.empty((B, 4 * H), dtype=h.dtype, device=h.device)
     has_bias = bias is not None
-    _kernel(_lstm_cell_fwd_kernel)[cfg.fwd_grid(B, H)](
+    launchable(_lstm_cell_fwd_kernel)[cfg.fwd_grid(B, H)](
         gates_x,
         h,
         c,
@@ -389,7 +380,7 @@ def lstm_cell_backward_gates(
     grads (either may be None: that output was not used). ``d_bias`` is empty without bias."""
     c = _rows_unit_stride(c)
     B, H = c.shape
-    cfg = _launch_config(int(B), int(H), TRITON_DTYPES[c.dtype])
+    cfg = _launch_config(int(B), int(H), dtype_name(c))
     grid = cfg.bwd_grid(B, H)
     has_dh = grad_h_new is not None
     has_dc = grad_c_new is not None
@@ -408,7 +399,7 @@ def lstm_cell_backward_gates(
         d_bias_parts = torch.empty((grid[0], 4 * H), dtype=torch.float32, device=c.device)
     else:
         d_bias_parts = torch.empty((0,), dtype=c.dtype, device=c.device)
-    _kernel(_lstm_cell_bwd_kernel)[grid](
+    launchable(_lstm_cell_bwd_kernel)[grid](
         dh,
         dc,
         c,
@@ -556,11 +547,9 @@ def lstm_cell(
 # Registry: the configurations the launchers above pick at the benchmark size
 # ---------------------------------------------------------------------------------------------
 
-_BENCH_B, _BENCH_H = 256, 512
-
 
 def _fwd_configs(dtype: str) -> list[CompileConfig]:
-    cfg = _launch_config(_BENCH_B, _BENCH_H, dtype)
+    cfg = _launch_config(BENCH_B, BENCH_H, dtype)
     ptr = f"*{dtype}"
     signature = {
         **{name: ptr for name in ("gx_ptr", "h_ptr", "c_ptr", "w_ptr", "b_ptr", "h_new_ptr", "c_new_ptr", "gates_ptr")},
@@ -574,7 +563,7 @@ def _fwd_configs(dtype: str) -> list[CompileConfig]:
     }
     return [
         CompileConfig(
-            label=f"B={_BENCH_B} H={_BENCH_H} bias",
+            label=f"B={BENCH_B} H={BENCH_H} bias",
             signature=signature,
             constexprs=constexprs,
             num_warps=cfg.fwd_num_warps,
@@ -584,9 +573,9 @@ def _fwd_configs(dtype: str) -> list[CompileConfig]:
 
 
 def _bwd_configs(dtype: str) -> list[CompileConfig]:
-    cfg = _launch_config(_BENCH_B, _BENCH_H, dtype)
+    cfg = _launch_config(BENCH_B, BENCH_H, dtype)
     ptr = f"*{dtype}"
-    n_row_blocks = cfg.bwd_grid(_BENCH_B, _BENCH_H)[0]
+    n_row_blocks = cfg.bwd_grid(BENCH_B, BENCH_H)[0]
     signature = {
         **{name: ptr for name in ("dh_ptr", "dc_ptr", "c_ptr", "gates_ptr", "dgates_ptr", "dc_prev_ptr")},
         # the launcher's bias-partials buffer: input dtype for one row block, fp32 otherwise
@@ -603,7 +592,7 @@ def _bwd_configs(dtype: str) -> list[CompileConfig]:
     }
     return [
         CompileConfig(
-            label=f"B={_BENCH_B} H={_BENCH_H} bias, both grads",
+            label=f"B={BENCH_B} H={BENCH_H} bias, both grads",
             signature=signature,
             constexprs=constexprs,
             num_warps=cfg.bwd_num_warps,
@@ -615,13 +604,13 @@ def _bwd_configs(dtype: str) -> list[CompileConfig]:
 def _fwd_scalars(config: CompileConfig) -> dict[str, int]:
     """Integer arguments the forward launcher passes at the benchmark size (contiguous inputs),
     so the report specialises them (divisibility by 16) as Triton's JIT would."""
-    B, H = _BENCH_B, _BENCH_H
+    B, H = BENCH_B, BENCH_H
     return {"B": B, "H": H, "stride_gx": 4 * H, "stride_h": H, "stride_c": H}
 
 
 def _bwd_scalars(config: CompileConfig) -> dict[str, int]:
     """As ``_fwd_scalars`` for the backward launcher (contiguous output grads)."""
-    B, H = _BENCH_B, _BENCH_H
+    B, H = BENCH_B, BENCH_H
     return {"B": B, "H": H, "stride_dh": H, "stride_dc": H, "stride_c": H}
 
 

@@ -11,6 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
+#: The benchmark sizes at which every kernel's ``configs(dtype)`` reports the launch
+#: configurations its host code picks (VGG-16 at 224 and 448 px: L = 196, 784).
+BENCH_B = 256
+BENCH_LS = (196, 784)
+BENCH_D = 512
+BENCH_A = 512
+BENCH_H = 512
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     """Everything ``triton.compile`` needs for one specialisation of a kernel.
