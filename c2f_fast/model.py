@@ -189,8 +189,10 @@ class C2FNet(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor, label_seq: Optional[torch.Tensor] = None) -> C2FOutput:
-        """Teacher forcing when ``label_seq`` ([B, T] class indices, PAD = -1) is given;
-        greedy decoding (each step feeds the best class not yet emitted) when it is None."""
+        """Teacher forcing when ``label_seq`` ([B, T] class indices, PAD = -1) is given; greedy
+        decoding when it is None (each step feeds the best class not yet emitted while its
+        probability is >= 0.5, then PAD). In both, a class already fed to the decoder scores -inf
+        at later steps (the no-copy rule, docs/model.md "Decoder")."""
         self._check_images(images)
         feats, f_fc = self.encoder(images)
         return self.decode(feats, f_fc, label_seq)
@@ -221,7 +223,10 @@ class C2FNet(nn.Module):
         mean_feats = None if local else feats.mean(dim=1)
 
         token = torch.full((B,), self.start_token, dtype=torch.long, device=feats.device)
-        emitted = torch.zeros(B, cfg.num_classes, dtype=torch.bool, device=feats.device)
+        # fed[b, k]: token k has been fed to image b's decoder (classes 0..C-1, then START, PAD)
+        fed = torch.zeros(B, cfg.num_classes + 2, dtype=torch.bool, device=feats.device)
+        fed[:, self.start_token] = True
+        stopped = torch.zeros(B, dtype=torch.bool, device=feats.device)
         step_logits, betas = [], []
         for t in range(T):
             if local:
@@ -232,17 +237,20 @@ class C2FNet(nn.Module):
             x = torch.cat([self.embedding(token), z], dim=1)
             h, c = self._lstm_step(x, h, c, fast)
             logit = self.predict(torch.cat([h, f_fc], dim=1))
+            # No copying (docs/model.md, "Decoder"): a class already fed to the decoder scores
+            # -inf at this step and every later one. Step 0 (fed START) is never masked.
+            if t > 0:
+                logit = logit.masked_fill(fed[:, : cfg.num_classes], float("-inf"))
             step_logits.append(logit)
             if t + 1 < T:
-                if label_seq is not None:
+                if label_seq is not None:  # teacher forcing: the t-th label, PAD past the last
                     prev = label_seq[:, t].long()
                     token = torch.where(prev < 0, torch.full_like(prev, self.pad_token), prev)
-                else:
-                    token = logit.detach().masked_fill(emitted, float("-inf")).argmax(dim=1)
-                    emitted = emitted.scatter(1, token.unsqueeze(1), True)
-                    # more steps than classes: once every class is out, feed PAD
-                    token = torch.where(emitted.all(dim=1) & (t + 1 >= cfg.num_classes),
-                                        torch.full_like(token, self.pad_token), token)
+                else:  # greedy: the best class not yet emitted while p >= 0.5, then PAD for good
+                    best, choice = logit.detach().max(dim=1)
+                    stopped = stopped | ~(best >= 0)  # logit >= 0 <=> p >= 0.5; -inf or NaN stops
+                    token = torch.where(stopped, torch.full_like(choice, self.pad_token), choice)
+                fed = fed.scatter(1, token.unsqueeze(1), True)
         step_logits_t = torch.stack(step_logits, dim=1)
         return C2FOutput(
             logits=step_logits_t.amax(dim=1),

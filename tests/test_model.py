@@ -71,13 +71,14 @@ def test_teacher_forcing_and_greedy_decoding(variant):
     images = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         greedy = model(images)
-        # Feeding the greedy choices back as the teacher sequence reproduces greedy decoding.
+        # Feeding the greedy choices back as the teacher sequence reproduces greedy decoding:
+        # the best class not yet emitted while p >= 0.5, PAD from the first step below it on.
         chosen = []
-        emitted = torch.zeros(2, 6, dtype=torch.bool)
+        stopped = torch.zeros(2, dtype=torch.bool)
         for t in range(3):
-            step = greedy.step_logits[:, t].masked_fill(emitted, float("-inf")).argmax(1)
-            emitted[torch.arange(2), step] = True
-            chosen.append(step)
+            best, step = greedy.step_logits[:, t].max(1)  # emitted classes are already -inf
+            stopped |= best < 0
+            chosen.append(torch.where(stopped, torch.full_like(step, PAD), step))
         forced = model(images, torch.stack(chosen, 1))
         torch.testing.assert_close(forced.step_logits, greedy.step_logits)
         # A different teacher sequence changes the later steps but never the first.
