@@ -268,4 +268,17 @@ class C2FNet(nn.Module):
         return self.lstm(x, (h, c))
 
 
-__all__ = ["C2FNet", "C2FOutput", "ModelConfig", "PAD", "VARIANTS"]
+def greedy_emissions(step_logits: torch.Tensor) -> torch.Tensor:
+    """The class each step emits in greedy decoding, from its (masked) step logits [B, T, C].
+
+    Step t emits the best class of its logits while that class's probability is >= 0.5 (classes
+    emitted earlier are already -inf there); from the first step below 0.5 on, nothing (PAD = -1).
+    Returns a LongTensor [B, T]. The last step's emission is never fed back, but it counts as a
+    prediction of that step (e.g. for the pointing game).
+    """
+    best, choice = step_logits.max(dim=2)
+    stopped = torch.cummax((~(best >= 0)).int(), dim=1).values.bool()
+    return torch.where(stopped, torch.full_like(choice, PAD), choice)
+
+
+__all__ = ["C2FNet", "C2FOutput", "ModelConfig", "PAD", "VARIANTS", "greedy_emissions"]

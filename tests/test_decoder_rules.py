@@ -12,7 +12,7 @@ import torch
 
 from c2f_fast.labels import class_frequency_order, label_sequences
 from c2f_fast.losses import c2f_loss, vertical_margin
-from c2f_fast.model import PAD, C2FNet, ModelConfig
+from c2f_fast.model import PAD, C2FNet, ModelConfig, greedy_emissions
 
 SMALL = dict(backbone="tiny", num_classes=6, steps=5, hidden=20, embed=8, attn=12, image_size=48)
 PATHS = [pytest.param(False, id="reference"), pytest.param(True, id="fast")]
@@ -87,6 +87,7 @@ def test_greedy_feeds_confident_classes_then_stops(fast):
     # Teacher forcing with the same choices (PAD after the stop) computes the same thing.
     seq = torch.tensor([[0, 1, 2, PAD, PAD]] * 2)
     torch.testing.assert_close(model.decode(feats, f_fc, seq).step_logits, expected)
+    assert greedy_emissions(out.step_logits).tolist() == [[0, 1, 2, PAD, PAD]] * 2
 
 
 def test_greedy_never_emits_a_class_twice_and_stops_when_all_are_out():
