@@ -1,4 +1,4 @@
-"""Multi-label evaluation metrics (SPEC.md, "Metrics"), in plain vectorised PyTorch.
+"""Multi-label evaluation metrics, in plain vectorised PyTorch.
 
 Everything runs on the device of ``scores`` (CPU or CUDA) without a Python loop over images or
 classes: per-class curves come from one sort of the ``[C, N]`` score matrix, per-image rankings
@@ -13,6 +13,25 @@ ML-GCN metrics is meant for probabilities, so values outside ``[0, 1]`` are reje
 ``targets``: ``[N, C]`` with values in ``{1, 0, -1}``: 1 positive, 0 negative, -1 ignored (e.g. a VOC
 class present only through ``difficult`` objects).
 
+Where each convention comes from
+--------------------------------
+Two families of "top-3" numbers are reported, and they are *not* the same thing:
+
+* ``CP, CR, CF1, OP, OR, OF1`` and ``CP@3, CR@3, CF1@3, OP@3, OR@3, OF1@3`` follow the evaluation
+  code of ML-GCN (Chen et al., CVPR 2019; ``AveragePrecisionMeter.overall`` / ``overall_topk`` /
+  ``evaluation`` in its ``util.py``), which later work (Q2L, CSRA, ...) reuses, so these numbers
+  are comparable with the published COCO / VOC tables. There a class is predicted when its score
+  is >= ``threshold`` (ML-GCN: logit >= 0, i.e. probability >= 0.5); at top-3 a class is predicted
+  only when it is among the image's 3 highest scores **and** its score is >= ``threshold``. So an
+  image may have fewer than 3 (even 0) predicted classes at top-3.
+* ``P@k, R@k, F1@k, H@k, A@k`` (k = 3, 5) follow Table II of the Coarse-to-Fine paper (Lyu et
+  al.): the predicted set of an image is its k highest-scoring classes, with no threshold, so
+  every image with >= k non-ignored classes has exactly k predictions. ``P@3`` therefore
+  generally differs from ``OP@3`` (equal only when every top-3 score is >= ``threshold``).
+* AP follows ``sklearn.metrics.average_precision_score`` (or the VOC2007 devkit's 11-point AP);
+  one-error, coverage and ranking loss follow Zhang & Zhou's definitions as implemented by
+  scikit-learn.
+
 How an ignored (-1) entry is treated
 ------------------------------------
 One rule for every metric family: an ignored entry ``(n, c)`` is **deleted** -- it is as if class
@@ -21,9 +40,11 @@ score has no influence on any metric (moving it anywhere in ``[0, 1]`` changes n
 
 * AP: the entry is left out of class ``c``'s ranking (as if image ``n`` were absent for ``c``).
 * Threshold metrics (CP ... OF1): not counted in Nc, Np or Ng, even if its score is >= threshold.
-* Top-k metrics: the k predicted classes of image ``n`` are the k highest-scoring *non-ignored*
-  classes (an ignored class cannot take a top-k slot); H@k divides by the number of non-ignored
-  entries instead of N·C; A@k uses only the non-ignored classes of each image.
+* Top-k metrics (both families): the top k of image ``n`` are its k highest-scoring
+  *non-ignored* classes (an ignored class cannot take a top-k slot, so at top-3 the ML-GCN rule
+  thresholds the 3 best non-ignored classes); H@k divides by the number of non-ignored entries
+  instead of N·C; A@k uses only the non-ignored classes of each image. (ML-GCN itself turns -1
+  into 0 and lets it compete for the top 3; the two agree whenever there is no -1.)
 * Ranking metrics: the image's ranking is over its non-ignored classes only; coverage counts only
   non-ignored classes, ranking loss only (positive, negative) pairs of non-ignored classes.
 
@@ -36,8 +57,12 @@ Tie conventions
 * Ranking loss: a (positive, negative) pair counts as mis-ordered when
   ``score_neg >= score_pos`` (ties count as errors), normalised by ``n_pos * n_neg``; an image with
   no negative scores 0. This is ``sklearn.metrics.label_ranking_loss``.
-* Top-k and one-error: among tied scores the class with the lower index is ranked first (stable
-  sort), so the predicted sets are deterministic and the same on CPU and CUDA.
+* Top-k (both families) and one-error: among tied scores the class with the lower index is ranked
+  first (stable sort), so the predicted sets are deterministic and the same on CPU and CUDA.
+  (ML-GCN's ``torch.topk`` leaves the order of ties unspecified; without ties they agree.)
+* Threshold: ``score >= threshold`` is predicted (a score equal to the threshold counts), for
+  ``CP ... OF1`` and for the ``@3`` six alike; the comparison is made in the scores' dtype (with
+  float32 scores, ``threshold=0.7`` means ``float32(0.7)``).
 """
 
 from __future__ import annotations
@@ -245,7 +270,7 @@ def multilabel_metrics(
     threshold: float = 0.5,
     voc07_11point: bool = False,
 ) -> dict[str, float]:
-    """All SPEC metrics of ``scores`` [N, C] in [0, 1] against ``targets`` [N, C] in {1, 0, -1}.
+    """All metrics of ``scores`` [N, C] in [0, 1] against ``targets`` [N, C] in {1, 0, -1}.
 
     Returns a dict with keys :data:`METRIC_KEYS` (Python floats; ``n_ranking_excluded`` an int).
     Ignored (-1) entries are deleted for every metric (see the module docstring), ties follow
@@ -253,16 +278,20 @@ def multilabel_metrics(
 
     * ``mAP``: mean of :func:`per_class_ap` over classes with >= 1 positive (VOC2007 11-point AP
       when ``voc07_11point``); NaN if no class has a positive.
-    * ``CP, CR, CF1, OP, OR, OF1``: ML-GCN metrics, class predicted iff ``score >= threshold``
-      (ML-GCN's ``logit >= 0``). CP = mean_c Nc/max(Np, 1), CR = mean_c Nc/Ng, both over the classes
-      with Ng >= 1; CF1 = 2·CP·CR/(CP+CR); OP = ΣNc/ΣNp, OR = ΣNc/ΣNg, OF1 likewise pooled.
-      (ML-GCN itself counts -1 as negative; SPEC makes it ignored.)
-    * ``CP@3 ... OF1@3``: the same six where the predicted set of an image is its top 3 classes,
-      with no threshold (SPEC; ML-GCN additionally requires logit >= 0).
-    * ``P@k, R@k, F1@k`` (k = 3, 5): pooled over all entries like OP/OR/OF1 with the top-k set as
-      prediction (so ``P@3 == OP@3`` etc. by definition). ``H@k``: Hamming loss, wrong entries /
-      non-ignored entries. ``A@k``: mean over images (with >= 1 non-ignored class) of
-      |Y ∩ Ŷ| / |Y ∪ Ŷ|. If an image has fewer than k non-ignored classes, all of them are predicted.
+    * ``CP, CR, CF1, OP, OR, OF1`` -- ML-GCN's evaluation code: class predicted iff
+      ``score >= threshold`` (ML-GCN's ``logit >= 0``). CP = mean_c Nc/max(Np, 1), CR = mean_c
+      Nc/Ng, both over the classes with Ng >= 1; CF1 = 2·CP·CR/(CP+CR); OP = ΣNc/ΣNp,
+      OR = ΣNc/ΣNg, OF1 likewise pooled. (ML-GCN itself counts -1 as negative; here it is ignored.)
+    * ``CP@3 ... OF1@3`` -- ML-GCN's evaluation code (``overall_topk(3)``): the same six, where a
+      class is predicted for an image iff it is among the image's 3 highest-scoring non-ignored
+      classes **and** ``score >= threshold`` (the same ``threshold`` argument as ``CP ... OF1``,
+      default 0.5 = ML-GCN's logit >= 0). A class never predicted contributes precision 0 to CP@3.
+    * ``P@k, R@k, F1@k, H@k, A@k`` (k = 3, 5) -- the Coarse-to-Fine paper's Table II: the predicted
+      set is the image's k highest-scoring non-ignored classes, no threshold (``threshold`` has no
+      effect on them). P@k, R@k, F1@k are pooled over all entries like OP/OR/OF1 (so ``P@3``
+      equals ``OP@3`` only when no top-3 score is below ``threshold``). ``H@k``: Hamming loss,
+      wrong entries / non-ignored entries. ``A@k``: mean over images (with >= 1 non-ignored class)
+      of |Y ∩ Ŷ| / |Y ∪ Ŷ|. If an image has fewer than k non-ignored classes, all are predicted.
     * ``one_error``: share of images whose top-ranked class is not positive; ``coverage``:
       sklearn ``coverage_error`` - 1; ``ranking_loss``: sklearn ``label_ranking_loss``. Images
       without a positive are left out of these three (NaN if none is left);
@@ -289,7 +318,8 @@ def multilabel_metrics(
         torch.tensor(float("nan"), dtype=_F64, device=ap.device),
     )
 
-    out.update(_count_metrics(valid & (scores >= threshold), pos))
+    above = valid & (scores >= threshold)
+    out.update(_count_metrics(above, pos))
 
     # Ranking by descending score over non-ignored classes; the stable sort puts the lower class
     # index first among ties, and key -1 (below every valid score's key) sends ignored classes last.
@@ -300,8 +330,8 @@ def multilabel_metrics(
     has_valid_img = valid.any(1)
     for k in (3, 5):
         pred = torch.zeros_like(valid).scatter_(1, rank_order[:, : min(k, n_cls)], True) & valid
-        if k == 3:
-            out.update({f"{name}@3": v for name, v in _count_metrics(pred, pos).items()})
+        if k == 3:  # ML-GCN's overall_topk: a top-3 class counts only if also >= threshold
+            out.update({f"{name}@3": v for name, v in _count_metrics(pred & above, pos).items()})
         nc = _count(pred & pos)
         p_k = _safe_div(nc, _count(pred), 0.0)
         r_k = _safe_div(nc, _count(pos), float("nan"))

@@ -1,4 +1,5 @@
-"""Tests of c2f_fast.metrics against scikit-learn, a VOC-devkit loop and hand-computed values.
+"""Tests of c2f_fast.metrics against scikit-learn, a VOC-devkit loop, a loop transcription of
+ML-GCN's evaluation code and hand-computed values.
 
 The random data have tied scores (rounded to one decimal), ignored (-1) entries, a class without
 any positive, an image without any positive, an image whose entries are all ignored and an image
@@ -88,7 +89,8 @@ def _reference(scores: np.ndarray, targets: np.ndarray, threshold: float = 0.5) 
         ref["OF1" + suffix] = f1_score(targets0, pred, average="micro")
 
     counts(((scores >= threshold) & valid).astype(np.int64), "")
-    counts(_topk_pred(scores, targets, 3), "@3")
+    # ML-GCN's top-3 rule: among the image's top 3 AND score >= threshold.
+    counts(_topk_pred(scores, targets, 3) * (scores >= threshold), "@3")
     rows = valid.any(1)  # an image whose entries are all ignored has no A@k
     for k in (3, 5):
         pred = _topk_pred(scores, targets, k)
@@ -159,7 +161,7 @@ def test_all_metrics_match_sklearn_2d_calls_without_ignored() -> None:
         assert got[f"A@{k}"] == pytest.approx(
             jaccard_score(targets, pred, average="samples", zero_division=0), rel=1e-10
         )
-    pred3 = _topk_pred(scores, targets, 3)
+    pred3 = _topk_pred(scores, targets, 3) * (scores >= 0.6)  # the @3 six use the threshold too
     assert got["CP@3"] == pytest.approx(
         precision_score(targets, pred3, average="macro", labels=labels, zero_division=0), rel=1e-10
     )
@@ -248,11 +250,13 @@ def test_hand_checked_example() -> None:
     targets = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0], [1, 0, 0, 1]])
     # APs: 5/6, 1/2, 5/6, 1. Threshold 0.5 (0.5 itself is predicted): per class (Nc, Np, Ng) =
     # (1,2,2), (0,1,1), (1,2,2), (1,1,1). Top-3 sets: {0,1,3}, {0,1,2}, {0,2,3}: per class
-    # (2,3,2), (1,2,1), (1,2,2), (1,2,1). Top-5 = everything (C = 4).
+    # (2,3,2), (1,2,1), (1,2,2), (1,2,1) for P@3..A@3. ML-GCN's @3 rule keeps only the top-3
+    # entries >= 0.5: {0,1}, {0,2}, {2,3} = the thresholded sets, so CP@3..OF1@3 = CP..OF1 here.
+    # Top-5 = everything (C = 4).
     want = {
         "mAP": 19 / 24,
         "CP": 1 / 2, "CR": 1 / 2, "CF1": 1 / 2, "OP": 1 / 2, "OR": 1 / 2, "OF1": 1 / 2,
-        "CP@3": 13 / 24, "CR@3": 7 / 8, "CF1@3": 91 / 136, "OP@3": 5 / 9, "OR@3": 5 / 6, "OF1@3": 2 / 3,
+        "CP@3": 1 / 2, "CR@3": 1 / 2, "CF1@3": 1 / 2, "OP@3": 1 / 2, "OR@3": 1 / 2, "OF1@3": 1 / 2,
         "P@3": 5 / 9, "R@3": 5 / 6, "F1@3": 2 / 3, "H@3": 5 / 12, "A@3": 19 / 36,
         "P@5": 1 / 2, "R@5": 1.0, "F1@5": 2 / 3, "H@5": 1 / 2, "A@5": 1 / 2,
         "one_error": 1 / 3, "coverage": 7 / 3, "ranking_loss": 5 / 12, "n_ranking_excluded": 0,
@@ -336,6 +340,211 @@ def test_validation_errors(scores: torch.Tensor, targets: torch.Tensor, match: s
 def test_threshold_out_of_range() -> None:
     with pytest.raises(ValueError, match="threshold"):
         multilabel_metrics(torch.rand(4, 3), torch.zeros(4, 3), threshold=1.5)
+
+
+# --- The two top-3 conventions -----------------------------------------------------------------
+# CP@3..OF1@3 follow ML-GCN's evaluation code (top 3 AND score >= threshold); P@k..A@k follow the
+# paper's Table II (top k, no threshold). Each is checked against its own loop written here.
+
+TOP3_SIX = ("CP@3", "CR@3", "CF1@3", "OP@3", "OR@3", "OF1@3")
+NEVER_CLASS = 0  # capped below 0.5 in _top3_data: has positives but is never predicted at @3
+
+
+def _loop_top_k(scores: np.ndarray, targets: np.ndarray, i: int, k: int) -> list[int]:
+    """The k highest-scoring non-ignored classes of image i, lower class index first among ties."""
+    cands = [j for j in range(scores.shape[1]) if targets[i, j] != -1]
+    cands.sort(key=lambda j: (-float(scores[i, j]), j))
+    return cands[:k]
+
+
+def _f1_plain(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+def _mlgcn_top3_loop(
+    scores: np.ndarray, targets: np.ndarray, threshold: float = 0.5, k: int = 3
+) -> dict[str, float]:
+    """ML-GCN's overall_topk(3) + evaluation() as plain Python loops, with ignored (-1) entries
+    deleted: a class is predicted for image i iff it is among i's top 3 AND its score >= threshold
+    (compared in the scores' dtype). CP/CR average over the classes with a positive; a class with
+    Np = 0 has precision 0."""
+    thr = scores.dtype.type(threshold)
+    n_img, n_cls = scores.shape
+    nc, np_, ng = [0] * n_cls, [0] * n_cls, [0] * n_cls
+    for i in range(n_img):
+        top = _loop_top_k(scores, targets, i, k)
+        for j in range(n_cls):
+            if targets[i, j] == -1:
+                continue
+            predicted = j in top and scores[i, j] >= thr
+            positive = targets[i, j] == 1
+            ng[j] += positive
+            np_[j] += predicted
+            nc[j] += predicted and positive
+    classes = [j for j in range(n_cls) if ng[j] > 0]
+    cp = sum(nc[j] / max(np_[j], 1) for j in classes) / len(classes)
+    cr = sum(nc[j] / ng[j] for j in classes) / len(classes)
+    op = sum(nc) / sum(np_) if sum(np_) else 0.0
+    or_ = sum(nc) / sum(ng)
+    vals = (cp, cr, _f1_plain(cp, cr), op, or_, _f1_plain(op, or_))
+    return dict(zip(TOP3_SIX, vals))
+
+
+def _table2_loop(scores: np.ndarray, targets: np.ndarray, k: int) -> dict[str, float]:
+    """The paper's Table II top-k metrics as plain loops: the top k classes, no threshold."""
+    correct = predicted = positives = wrong = entries = 0
+    jaccards = []
+    for i in range(scores.shape[0]):
+        top = set(_loop_top_k(scores, targets, i, k))
+        pos = {j for j in range(scores.shape[1]) if targets[i, j] == 1}
+        correct += len(top & pos)
+        predicted += len(top)
+        positives += len(pos)
+        wrong += len(top ^ pos)
+        n_valid = int((targets[i] != -1).sum())
+        entries += n_valid
+        if n_valid:
+            jaccards.append(len(top & pos) / len(top | pos) if top | pos else 0.0)
+    p, r = correct / predicted, correct / positives
+    return {
+        f"P@{k}": p, f"R@{k}": r, f"F1@{k}": _f1_plain(p, r),
+        f"H@{k}": wrong / entries, f"A@{k}": sum(jaccards) / len(jaccards),
+    }  # fmt: skip
+
+
+def _top3_data(seed: int, *, ignore: bool, decimals: int | None) -> tuple[np.ndarray, np.ndarray]:
+    scores, targets = _make_data(seed, ignore=ignore, decimals=decimals)
+    scores[:, NEVER_CLASS] = np.minimum(scores[:, NEVER_CLASS], np.float32(0.49))  # all < 0.5
+    return scores, targets
+
+
+@pytest.mark.parametrize(
+    ("seed", "ignore", "decimals"), [(0, True, 1), (1, True, 1), (2, True, None), (3, False, None)]
+)
+def test_both_top3_conventions_match_their_loops(seed: int, ignore: bool, decimals: int | None) -> None:
+    scores, targets = _top3_data(seed, ignore=ignore, decimals=decimals)
+    top3 = np.zeros(scores.shape, dtype=bool)
+    for i in range(N_IMG):
+        top3[i, _loop_top_k(scores, targets, i, 3)] = True
+    # The data exercise the rule: some top-3 entries are below 0.5, and NEVER_CLASS has positives
+    # but is never predicted at @3 (it still takes top-3 slots, so Table II predicts it).
+    assert (top3 & (scores < 0.5)).any()
+    assert (targets[:, NEVER_CLASS] == 1).any()
+    assert not (top3 & (scores >= 0.5))[:, NEVER_CLASS].any()
+    assert top3[:, NEVER_CLASS].any()
+
+    got = multilabel_metrics(torch.from_numpy(scores), torch.from_numpy(targets))
+    mlgcn = _mlgcn_top3_loop(scores, targets)
+    for key in TOP3_SIX:
+        assert got[key] == pytest.approx(mlgcn[key], rel=1e-12, abs=1e-15), key
+    for k in (3, 5):
+        table2 = _table2_loop(scores, targets, k)
+        for key, want in table2.items():
+            assert got[key] == pytest.approx(want, rel=1e-12, abs=1e-15), key
+
+    # The two conventions really differ on these data, each matching its own loop: the ML-GCN
+    # six are not the Table II-style (no threshold) six, and OP@3/OR@3 are not P@3/R@3.
+    unthresholded = _mlgcn_top3_loop(scores, targets, threshold=0.0)
+    for key in TOP3_SIX:
+        assert mlgcn[key] != pytest.approx(unthresholded[key], rel=1e-6), key
+    assert got["OP@3"] != pytest.approx(got["P@3"], rel=1e-6)
+    assert got["OR@3"] != pytest.approx(got["R@3"], rel=1e-6)
+    assert unthresholded["OP@3"] == pytest.approx(got["P@3"], rel=1e-12)  # same sets, pooled
+
+
+def test_threshold_moves_the_mlgcn_top3_six_but_not_table2() -> None:
+    scores, targets = _top3_data(4, ignore=True, decimals=1)
+    s, t = torch.from_numpy(scores), torch.from_numpy(targets)
+    table2_keys = [key for key in METRIC_KEYS if key[0] in "PRFHA" and "@" in key]
+    base = multilabel_metrics(s, t)
+    for thr in (0.0, 0.3, 0.7, 1.0):
+        got = multilabel_metrics(s, t, threshold=thr)
+        want = _mlgcn_top3_loop(scores, targets, threshold=thr)
+        for key in TOP3_SIX:
+            assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-15), (thr, key)
+        assert {key: got[key] for key in table2_keys} == {key: base[key] for key in table2_keys}
+    # threshold 0 keeps every top-3 entry: the ML-GCN rule then reduces to plain top-3
+    zero = multilabel_metrics(s, t, threshold=0.0)
+    assert (zero["OP@3"], zero["OR@3"], zero["OF1@3"]) == pytest.approx(
+        (zero["P@3"], zero["R@3"], zero["F1@3"]), rel=1e-12
+    )
+
+
+def test_top3_conventions_hand_example() -> None:
+    scores = torch.tensor(
+        [[0.9, 0.4, 0.3, 0.1, 0.05],
+         [0.8, 0.2, 0.6, 0.7, 0.1]]
+    )  # fmt: skip
+    targets = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 0, 1]])
+    # Top-3 sets: {0,1,2} and {0,2,3}. ML-GCN keeps those >= 0.5: {0} (0.4 and 0.3 dropped) and
+    # {0,2,3}. Per class (Nc, Np, Ng) under ML-GCN: (1,2,1), (0,0,2) [a positive class never
+    # predicted: precision 0], (1,1,2), (0,1,0) [no positive: out of CP/CR, in OP], (0,0,1).
+    # CP@3 = (1/2 + 0 + 1 + 0)/4, CR@3 = (1 + 0 + 1/2 + 0)/4, OP@3 = 2/4, OR@3 = 2/6.
+    # Table II (no threshold): correct 3 + 1 of 6 predicted, 6 positives; wrong entries 0 + 4 of 10;
+    # Jaccard 3/3 and 1/5.
+    want = {
+        "CP@3": 3 / 8, "CR@3": 3 / 8, "CF1@3": 3 / 8, "OP@3": 1 / 2, "OR@3": 1 / 3, "OF1@3": 2 / 5,
+        "P@3": 2 / 3, "R@3": 2 / 3, "F1@3": 2 / 3, "H@3": 2 / 5, "A@3": 3 / 5,
+    }  # fmt: skip
+    got = multilabel_metrics(scores, targets)
+    assert {key: got[key] for key in want} == pytest.approx(want, rel=1e-12)
+    assert got["OP@3"] != pytest.approx(got["P@3"])  # the two conventions differ here
+
+
+def _mlgcn_util(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """ML-GCN util.py, AveragePrecisionMeter.overall() and overall_topk(3) with evaluation(),
+    transcribed (it works on logits: predicted iff logit >= 0; -1 targets become 0)."""
+
+    def evaluation(scores_: np.ndarray, targets_: np.ndarray) -> tuple[float, ...]:
+        n, n_class = scores_.shape
+        Nc, Np, Ng = np.zeros(n_class), np.zeros(n_class), np.zeros(n_class)  # noqa: N806
+        for k in range(n_class):
+            scores = scores_[:, k]
+            targets = targets_[:, k]
+            targets[targets == -1] = 0
+            Ng[k] = np.sum(targets == 1)
+            Np[k] = np.sum(scores >= 0)
+            Nc[k] = np.sum(targets * (scores >= 0))
+        Np[Np == 0] = 1
+        OP = np.sum(Nc) / np.sum(Np)  # noqa: N806
+        OR = np.sum(Nc) / np.sum(Ng)  # noqa: N806
+        OF1 = (2 * OP * OR) / (OP + OR)  # noqa: N806
+        CP = np.sum(Nc / Np) / n_class  # noqa: N806
+        CR = np.sum(Nc / Ng) / n_class  # noqa: N806
+        CF1 = (2 * CP * CR) / (CP + CR)  # noqa: N806
+        return OP, OR, OF1, CP, CR, CF1
+
+    out = {}
+    overall = evaluation(logits.numpy().copy(), targets.numpy().copy())
+    n, c = logits.size()
+    scores = np.zeros((n, c)) - 1
+    index = logits.topk(3, 1, True, True)[1].numpy()
+    tmp = logits.numpy()
+    for i in range(n):
+        for ind in index[i]:
+            scores[i, ind] = 1 if tmp[i, ind] >= 0 else -1
+    top3 = evaluation(scores, targets.numpy().copy())
+    names = ("OP", "OR", "OF1", "CP", "CR", "CF1")
+    for suffix, vals in (("", overall), ("@3", top3)):
+        out.update({name + suffix: float(v) for name, v in zip(names, vals)})
+    return out
+
+
+def test_matches_mlgcn_evaluation_code_on_logits() -> None:
+    """Without -1 targets or tied scores, and with every class positive somewhere, the twelve
+    ML-GCN metrics equal what ML-GCN's own code reports for the logits of the same scores."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(200, 12, generator=gen, dtype=torch.float64) * 1.5 - 1.0
+    targets = (torch.rand(200, 12, generator=gen) < 0.3).long()
+    assert bool((targets.sum(0) > 0).all()) and float(logits.abs().min()) > 1e-9
+    assert torch.unique(logits).numel() == logits.numel()
+    want = _mlgcn_util(logits, targets)
+    got = multilabel_metrics(torch.sigmoid(logits), targets)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-12), key
+    # ... and on these data the published top-3 rule is not the plain top 3
+    plain_top3 = _mlgcn_top3_loop(torch.sigmoid(logits).numpy(), targets.numpy(), threshold=0.0)
+    assert got["CP@3"] != pytest.approx(plain_top3["CP@3"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
