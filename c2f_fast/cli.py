@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -47,6 +48,45 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from c2f_fast.config import load_config
+    from c2f_fast.train import CONFIG_FILE, TrainingInterrupted, train
+
+    config = args.config
+    if args.resume is not None and args.resume is not True:  # --resume RUN_DIR
+        run_dir = Path(args.resume)
+        if config is None:
+            config = run_dir / CONFIG_FILE
+            if not config.is_file():
+                raise CLIError(f"--resume: no {CONFIG_FILE} in {run_dir}")
+        args.overrides = [*args.overrides, f"run.out={run_dir}"]
+    cfg = load_config(config, args.overrides)
+    try:
+        train(cfg, resume=args.resume is not None)
+    except TrainingInterrupted as exc:
+        print(f"c2f train: {exc}", file=sys.stderr)
+        return 128 + int(exc.signum)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from c2f_fast.evaluate import evaluate_checkpoint
+    from c2f_fast.train import format_table
+
+    overrides = list(args.overrides)
+    for flag, key in ((args.data, "data.root"), (args.format, "data.format"), (args.split, "data.test_split"),
+                      (args.loader, "data.loader"), (args.batch_size, "data.batch_size"),
+                      (args.device, "run.device")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    metrics = evaluate_checkpoint(args.checkpoint, overrides, which=args.weights)
+    print(format_table(metrics, title=f"test metrics of {args.checkpoint}"))
+    if args.json is not None:
+        args.json.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="c2f", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,12 +102,57 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-classes", type=int, default=20)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_cmd_synth)
+
+    train = sub.add_parser(
+        "train", help="train (and evaluate every epoch) from a YAML config",
+        description="Train a model as the YAML config says, with dotted KEY=VALUE overrides "
+                    "(e.g. optim.lr=1e-3 data.batch_size=64). Under torchrun --nproc_per_node N it "
+                    "trains with DistributedDataParallel.",
+        epilog="examples:\n  c2f train --config configs/synthetic_small.yaml run.out=runs/try1\n"
+               "  c2f train --resume runs/try1\n"
+               "  torchrun --nproc_per_node 8 -m c2f_fast.cli train --config configs/voc07.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--config", type=Path, help="YAML config (sections model, data, optim, run)")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                       help="continue from the checkpoint in run.out (or in RUN_DIR, with its config.yaml)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a trained model on a test split (metrics, pointing game)",
+                        description="Evaluate what c2f train wrote (a run folder, a .safetensors file with "
+                                    "its model.json, or a checkpoint.pt) on the run's test split or another "
+                                    "data set, with greedy decoding.")
+    ev.add_argument("--checkpoint", required=True, type=Path, help="run folder, .safetensors or checkpoint.pt")
+    ev.add_argument("--data", help="data root (default: the run's data.root)")
+    ev.add_argument("--format", choices=("synthetic", "voc", "coco", "list"), help="data format")
+    ev.add_argument("--split", help="test split name or list file")
+    ev.add_argument("--loader", choices=("dali", "torch"))
+    ev.add_argument("--batch-size", type=int)
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--weights", choices=("best", "final"), default="best", help="which weights of a run folder")
+    ev.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (data.*, run.*)")
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 
+class CLIError(Exception):
+    """A usage error: printed as ``c2f <command>: message``, exit status 2."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from c2f_fast.checkpoint import CheckpointError
+    from c2f_fast.config import ConfigError
+    from c2f_fast.data.images import BadImageError
+
+    try:
+        return args.func(args)
+    except (CLIError, ConfigError, CheckpointError, BadImageError, FileNotFoundError, FileExistsError,
+            ValueError) as exc:
+        print(f"c2f {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -265,10 +265,13 @@ def _number_or_text(text: str) -> Any:
         return text
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """The config of ``path`` (YAML; None: the defaults) with ``overrides`` applied."""
+def load_config(path: str | os.PathLike | dict | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """The config of ``path`` (a YAML file, or an already-read dict; None: the defaults) with
+    ``overrides`` applied."""
     values: dict = {}
-    if path is not None:
+    if isinstance(path, dict):
+        values, path = {k: dict(v) for k, v in path.items()}, None
+    elif path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"--config: no such file: {path}")

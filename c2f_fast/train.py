@@ -1,0 +1,576 @@
+"""The training engine: build → compile → step → log → evaluate → checkpoint.
+
+One training step, as it reads below::
+
+    loader → images, targets → label_sequences → model(images, seq) → c2f_loss → backward → optimiser
+
+The compiled step, the autocast context and the DDP wrapper are set up once, before the loop.
+Shapes are static (training batches are full, evaluation pads its last batch), so a compiled model
+never recompiles mid-run. Everything a run writes goes to ``run.out`` (see :func:`train`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .distributed import DistInfo, all_gather_objects, any_rank, barrier, init_distributed, shutdown
+from .evaluate import evaluate
+from .labels import class_frequency_order, label_sequences
+from .losses import c2f_loss
+from .model import C2FNet
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "log.jsonl"
+METRICS_FILE = "metrics.json"
+CURVES_FILE = "curves.png"
+CONFIG_FILE = "config.yaml"
+
+#: Dense bf16 tensor-core peak (FLOP/s) by device name, for MFU; override with C2F_PEAK_TFLOPS.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM: a checkpoint was saved, the run can be resumed."""
+
+    def __init__(self, signum: int, path: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved to {path} "
+                         f"(continue with: c2f train --resume {path.parent})")
+        self.signum = signum
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many non-finite losses in a row; a checkpoint was saved."""
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Settings:
+    """The "auto" choices of the config, resolved for this machine."""
+
+    device: torch.device
+    precision: str  # bf16 | fp16 | fp32
+    compile: bool
+    channels_last: bool
+    fast_kernels: bool
+
+    @property
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def autocast(self):
+        dtype = self.amp_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def resolve_settings(cfg: TrainConfig, device: torch.device) -> Settings:
+    cuda = device.type == "cuda"
+    precision = cfg.run.precision if cfg.run.precision != "auto" else ("bf16" if cuda else "fp32")
+    if precision == "fp16" and not cuda:
+        raise ValueError("run.precision: fp16 (with a grad scaler) needs CUDA; use bf16 or fp32 on the CPU")
+    pick = lambda value: cuda if value is None else bool(value)  # noqa: E731
+    return Settings(device, precision, pick(cfg.run.compile), pick(cfg.run.channels_last), pick(cfg.run.fast_kernels))
+
+
+# ----------------------------------------------------------------------------- data
+def load_datasets(cfg: TrainConfig, info: DistInfo, train: bool = True):
+    """(train set, test set) from the data section (train set None when ``train`` is false); the
+    synthetic set is written on first use (by rank 0; the others wait)."""
+    from .data import load_coco, load_list, load_voc, make_synthetic
+
+    d = cfg.data
+    root = Path(d.root)
+    if d.format == "synthetic":
+        if info.is_main:
+            make_synthetic(root, preset=d.preset, seed=d.synthetic_seed)
+        barrier(info)
+    if d.format in ("synthetic", "voc"):
+        year = d.year if d.format == "voc" else "2007"
+        train_set = load_voc(root, year, d.train_split, difficult=d.difficult) if train else None
+        test_set = load_voc(root, year, d.test_split, difficult="ignore")
+    elif d.format == "coco":
+        ann = lambda split: root / "annotations" / f"instances_{split}.json"  # noqa: E731
+        for split in (d.train_split, d.test_split) if train else (d.test_split,):
+            if not ann(split).is_file():
+                raise FileNotFoundError(f"data.root: no COCO annotation file {ann(split)}")
+        train_set = load_coco(ann(d.train_split), root / d.train_split, drop_empty=d.drop_empty) if train else None
+        test_set = load_coco(ann(d.test_split), root / d.test_split, drop_empty=False)
+    else:  # list: the class list is the training file's (sorted names), or the model's
+        train_set = load_list(_under(root, d.train_split), root) if train else None
+        names = train_set.class_names if train else None
+        test_set = load_list(_under(root, d.test_split), root, class_names=names)
+    if not train:
+        return None, _limit(test_set, d.limit_test)
+    if train_set.class_names != test_set.class_names:
+        raise ValueError(f"data: the train and test splits have different class lists "
+                         f"({len(train_set.class_names)} vs {len(test_set.class_names)} classes)")
+    return _limit(train_set, d.limit_train), _limit(test_set, d.limit_test)
+
+
+def _under(root: Path, name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() or path.exists() else root / path
+
+
+def _limit(dataset, n: int):
+    if not n or n >= len(dataset):
+        return dataset
+    from .data import MultiLabelSet
+
+    return MultiLabelSet(dataset.image_paths[:n], dataset.targets[:n], dataset.class_names, dataset.boxes[:n])
+
+
+def build_loaders(cfg: TrainConfig, train_set, test_set, info: DistInfo, settings: Settings):
+    from .data import build_loader
+
+    d = cfg.data
+    common = dict(backend=d.loader, device=settings.device, num_workers=d.workers, shard_id=info.rank,
+                  num_shards=info.world_size, seed=cfg.run.seed, on_bad_image=d.on_bad_image,
+                  verify=d.verify, image_size=cfg.model.image_size)
+    train_loader = None if train_set is None else build_loader(
+        train_set, d.batch_size, train=True, crop_scale=d.crop_scale, crop_ratio=d.crop_ratio, **common)
+    test_loader = build_loader(test_set, d.eval_batch_size or d.batch_size, train=False, **common)
+    return train_loader, test_loader
+
+
+# ----------------------------------------------------------------------------- optimisation
+def build_optimizer(model: C2FNet, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    encoder = [p for p in model.encoder.parameters() if p.requires_grad]
+    encoder_ids = {id(p) for p in model.encoder.parameters()}
+    head = [p for p in model.parameters() if id(p) not in encoder_ids]
+    groups = [{"params": head, "lr": o.lr, "name": "head"}]
+    if encoder:
+        groups.append({"params": encoder, "lr": o.lr * o.backbone_lr_mult, "name": "encoder"})
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fused)
+    return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, **fused)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant or cosine down to ``min_ratio``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuples(state["python"]))
+    np_state = np.random.get_state()
+    np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32), *np_state[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _peak_flops(device: torch.device) -> Optional[float]:
+    if "C2F_PEAK_TFLOPS" in os.environ:
+        return float(os.environ["C2F_PEAK_TFLOPS"]) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def training_flops_per_image(model: C2FNet, image_size: int, device: torch.device, teacher: bool) -> float:
+    """FLOPs of one training step per image (forward + backward), counted by torch's FLOP counter
+    on a batch of 2 of the reference path."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ref = C2FNet(replace(model.cfg, fast_kernels=False, pretrained=None)).to(device)
+    images = torch.randn(2, 3, image_size, image_size, device=device)
+    seq = torch.zeros(2, ref.cfg.steps, dtype=torch.long, device=device) if teacher else None
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = ref(images, seq)
+        out.logits.float().sum().backward()
+    return counter.get_total_flops() / 2
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class RunLog:
+    """Rank 0's JSONL records (``log.jsonl``): step and epoch records, appended and flushed."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.records: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = _jsonable(record)
+        self.records.append(record)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps (the main thread only)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop at once
+            signal.default_int_handler(signum, frame) if signum == signal.SIGINT else sys.exit(128 + signum)
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class RunState:
+    epoch: int = 0  # the epoch in progress (or the next one, at an epoch boundary)
+    epoch_step: int = 0  # steps of that epoch already done
+    step: int = 0  # global optimiser steps done (non-finite skips included)
+    best_map: float = -1.0
+    best_epoch: int = -1
+    history: list = field(default_factory=list)
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool, info: DistInfo) -> Path:
+    run_dir = Path(cfg.run.out)
+    if info.is_main:
+        if not resume and (run_dir / ckpt.CHECKPOINT).exists():
+            raise FileExistsError(
+                f"run.out: {run_dir} already holds a checkpoint; continue it with --resume, or choose "
+                f"another run.out=... (nothing was overwritten)")
+        if resume and not (run_dir / ckpt.CHECKPOINT).exists():
+            raise FileNotFoundError(f"--resume: no {ckpt.CHECKPOINT} in {run_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (run_dir / LOG_FILE).unlink(missing_ok=True)
+        cfg.save(run_dir / CONFIG_FILE)
+    barrier(info)
+    return run_dir
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train and evaluate as ``cfg`` says; returns the final summary (also in ``metrics.json``).
+
+    Writes to ``cfg.run.out``: ``config.yaml`` (resolved), ``log.jsonl`` (step and epoch
+    records), ``checkpoint.pt`` (+ ``checkpoint.prev.pt``), ``best.safetensors``,
+    ``model.safetensors``, ``model.json``, ``metrics.json`` and ``curves.png``.
+    ``resume=True`` continues from ``checkpoint.pt`` in that folder.
+    """
+    info = init_distributed(cfg.run.device)
+    try:
+        return _train(cfg, resume, info)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
+    settings = resolve_settings(cfg, info.device)
+    run_dir = prepare_run_dir(cfg, resume, info)
+    torch.manual_seed(cfg.run.seed + info.rank)
+    random.seed(cfg.run.seed + info.rank)
+    np.random.seed((cfg.run.seed + info.rank) % 2**32)
+    out = _Console(info.is_main)
+
+    # -- data and model
+    train_set, test_set = load_datasets(cfg, info)
+    class_order = class_frequency_order(train_set.targets)
+    model_cfg = replace(cfg.model, num_classes=train_set.num_classes, fast_kernels=settings.fast_kernels)
+    model = C2FNet(model_cfg).to(settings.device)
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.optim.freeze_encoder:
+        model.encoder.requires_grad_(False)
+    train_loader, test_loader = build_loaders(cfg, train_set, test_set, info, settings)
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    optimizer = build_optimizer(model, cfg, settings.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.optim.schedule, cfg.optim.min_lr_ratio))
+    scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.precision == "fp16")
+    meta = {"model": model_cfg.to_dict(), "class_names": list(train_set.class_names),
+            "class_order": class_order.tolist(), "image_size": model_cfg.image_size}
+    state = RunState()
+
+    if resume:
+        saved = ckpt.load_checkpoint(run_dir / ckpt.CHECKPOINT)
+        if saved["meta"]["model"] != {**meta["model"]}:
+            raise ValueError(f"--resume: the model config differs from the checkpoint's in {run_dir}")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        _set_rng_state(saved["rng"][info.rank] if info.rank < len(saved["rng"]) else saved["rng"][0])
+        state = RunState(**saved["run_state"])
+        out.print(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step} of {total_steps}")
+
+    # -- the compiled step, the autocast context and the DDP wrapper: set up once
+    net: nn.Module = model
+    if info.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[settings.device.index] if settings.device.type == "cuda" else None)
+    teacher = cfg.optim.feed == "teacher"
+    o = cfg.optim
+
+    def forward_loss(images, targets, seq):
+        output = net(images, seq if teacher else None)
+        return c2f_loss(output, targets, seq, o.lambda1, o.lambda2, o.eps, o.eps_v)
+
+    step_fn = torch.compile(forward_loss) if settings.compile else forward_loss
+    eval_model = torch.compile(model) if settings.compile else model
+    order_dev = class_order.to(settings.device)
+    peak = _peak_flops(settings.device)
+    flops_per_image = training_flops_per_image(model, model_cfg.image_size, settings.device, teacher) if peak else None
+    pointing = _pointing_game(test_set, model_cfg) if test_set.boxes and any(test_set.boxes) else None
+
+    runlog = RunLog(run_dir / LOG_FILE, info.is_main)
+    out.print(f"training {model_cfg.variant}/{model_cfg.backbone} on {len(train_set)} images "
+              f"({train_set.num_classes} classes), testing on {len(test_set)}; device {settings.device}, "
+              f"{settings.precision}, compile={settings.compile}, fast_kernels={settings.fast_kernels}, "
+              f"loader={cfg.data.loader}, {info.world_size} process(es), {steps_per_epoch} steps/epoch")
+
+    def save(tag: str) -> Path:
+        """Every rank calls it; rank 0 writes."""
+        rngs = all_gather_objects(info, _rng_state())  # a collective: every rank calls save()
+        path = run_dir / ckpt.CHECKPOINT
+        if info.is_main:
+            ckpt.save_checkpoint(run_dir, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": rngs, "run_state": vars(state).copy(), "meta": meta,
+                "config": cfg.to_dict(), "tag": tag,
+            })
+        barrier(info)
+        return path
+
+    nonfinite_run = 0
+    last_logged = state.step
+    with StopSignal() as stop:
+        while state.epoch < cfg.optim.epochs:
+            epoch = state.epoch
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            model.train()
+            if cfg.optim.freeze_encoder:
+                model.encoder.eval()
+            bar = _progress(cfg, info, steps_per_epoch, epoch, state.epoch_step)
+            t_epoch = time.perf_counter()
+            t_last = time.perf_counter()
+            wait = 0.0
+            losses = []
+            batches = iter(train_loader)
+            for i in range(steps_per_epoch):
+                t_wait = time.perf_counter()
+                images, targets, _ = next(batches)
+                if i < state.epoch_step:  # resumed mid-epoch: these batches were trained on
+                    continue
+                wait += time.perf_counter() - t_wait
+                if settings.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                seq = label_sequences(targets, order_dev, model_cfg.steps)
+                with settings.autocast():
+                    loss, parts = step_fn(images, targets, seq)
+                if torch.isfinite(loss):
+                    nonfinite_run = 0
+                    scaler.scale(loss).backward()
+                    if o.grad_clip > 0:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    losses.append(loss.detach())
+                else:
+                    nonfinite_run += 1
+                    warnings.warn(f"step {state.step + 1}: non-finite loss ({loss.item()}); step skipped "
+                                  f"({nonfinite_run} in a row)", RuntimeWarning, stacklevel=1)
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state.step += 1
+                state.epoch_step = i + 1
+                if nonfinite_run >= cfg.run.max_nonfinite:
+                    path = save("nonfinite")
+                    raise NonFiniteLoss(f"{nonfinite_run} non-finite losses in a row at step {state.step}; "
+                                        f"stopped (checkpoint: {path}). Lower optim.lr or use precision=fp32.")
+                if state.step % cfg.run.log_every == 0 or i + 1 == steps_per_epoch:
+                    now = time.perf_counter()
+                    rate = (state.step - last_logged) * cfg.data.batch_size * info.world_size / max(now - t_last, 1e-9)
+                    record = {"kind": "step", "epoch": epoch, "step": state.step, "loss": loss.item(),
+                              **{k: float(v) for k, v in parts.items()}, "lr": scheduler.get_last_lr()[0],
+                              "images_per_s": rate, "data_wait": wait / max(now - t_last, 1e-9)}
+                    if flops_per_image and peak:
+                        record["mfu"] = flops_per_image * rate / (peak * info.world_size)
+                    runlog.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{rate:.0f}",
+                                    wait=f"{100 * record['data_wait']:.0f}%", lr=f"{record['lr']:.2e}",
+                                    **({"mfu": f"{100 * record['mfu']:.1f}%"} if "mfu" in record else {}))
+                    t_last, wait, last_logged = now, 0.0, state.step
+                bar.update(1)
+                if cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0:
+                    save("step")
+                if any_rank(info, stop.signum is not None):
+                    path = save("signal")
+                    bar.close()
+                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, path)
+            for _ in batches:  # finish the loader's epoch (DALI reads leftovers to stay aligned)
+                pass
+            bar.close()
+            train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+            seconds = time.perf_counter() - t_epoch
+            record = {"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": train_loss,
+                      "seconds": seconds}
+            if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
+                if pointing is not None:
+                    pointing.reset()
+                metrics = evaluate(eval_model, test_loader, info, cfg.data.eval_batch_size or cfg.data.batch_size,
+                                   settings.autocast, settings.channels_last, pointing)
+                record["eval"] = {k: v for k, v in metrics.items() if k != "pointing"}
+                if metrics["mAP"] > state.best_map:
+                    state.best_map, state.best_epoch = metrics["mAP"], epoch
+                    if info.is_main:
+                        ckpt.save_weights(run_dir / ckpt.BEST_WEIGHTS, model)
+                out.print(_epoch_line(epoch, cfg.optim.epochs, train_loss, seconds, metrics))
+            runlog.write(record)
+            state.history.append(_jsonable(record))
+            state.epoch, state.epoch_step = epoch + 1, 0
+            save("epoch")
+
+    # -- the end: final weights, the metric table, curves
+    summary = {"run": str(run_dir), "epochs": cfg.optim.epochs, "steps": state.step,
+               "best_epoch": state.best_epoch + 1, "best_mAP": state.best_map,
+               "final": state.history[-1].get("eval", {}) if state.history else {}}
+    if info.is_main:
+        ckpt.save_weights(run_dir / ckpt.FINAL_WEIGHTS, model)
+        ckpt.write_model_json(run_dir, {**meta, "best_epoch": state.best_epoch + 1, "best_mAP": state.best_map})
+        (run_dir / METRICS_FILE).write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+        _plot_curves(run_dir)
+        out.print(format_table(summary["final"], title=f"test metrics after epoch {cfg.optim.epochs} "
+                               f"(best mAP {state.best_map:.4f} at epoch {state.best_epoch + 1})"))
+        out.print(f"wrote {run_dir}/{{{METRICS_FILE}, {LOG_FILE}, {CURVES_FILE}, {ckpt.BEST_WEIGHTS}, "
+                  f"{ckpt.FINAL_WEIGHTS}, {ckpt.MODEL_JSON}, {ckpt.CHECKPOINT}}}")
+    return summary
+
+
+def _pointing_game(test_set, model_cfg):
+    try:
+        from .pointing import PointingGame
+    except ImportError:
+        return None
+    return PointingGame.for_dataset(test_set, model_cfg)
+
+
+def _plot_curves(run_dir: Path) -> None:
+    try:
+        from .visualize import training_curves
+    except ImportError:
+        return
+    try:
+        training_curves(run_dir / LOG_FILE, run_dir / CURVES_FILE)
+    except Exception as exc:  # a plot must never cost a finished run
+        warnings.warn(f"could not draw {run_dir / CURVES_FILE}: {exc}", RuntimeWarning, stacklevel=1)
+
+
+def _epoch_line(epoch, epochs, train_loss, seconds, metrics) -> str:
+    line = (f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f} ({seconds:.1f} s), "
+            f"test mAP {metrics['mAP']:.4f}, CF1 {metrics['CF1']:.4f}, OF1 {metrics['OF1']:.4f}")
+    if metrics.get("pointing_local") is not None:
+        line += f", pointing {metrics['pointing_local']:.3f}"
+    return line
+
+
+TABLE_KEYS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "CP@3", "CR@3", "CF1@3", "OP@3", "OR@3", "OF1@3",
+              "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5", "one_error", "coverage", "ranking_loss",
+              "pointing_local", "pointing_global")
+
+
+def format_table(metrics: dict, title: str = "test metrics") -> str:
+    """The metric table printed at the end of a run and by ``c2f eval``."""
+    rows = [(k, metrics[k]) for k in TABLE_KEYS if metrics.get(k) is not None]
+    rows += [(k, v) for k, v in metrics.items() if k not in TABLE_KEYS and isinstance(v, (int, float))
+             and k not in ("seconds", "num_images")]
+    width = max((len(k) for k, _ in rows), default=4)
+    lines = [title, "-" * max(len(title), width + 10)]
+    lines += [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in rows]
+    if "num_images" in metrics:
+        lines.append(f"{'images':<{width}}  {metrics['num_images']}")
+    return "\n".join(lines)
+
+
+class _Console:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            tqdm.write(text)
+
+
+def _progress(cfg: TrainConfig, info: DistInfo, total: int, epoch: int, done: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="step",
+                disable=not (cfg.run.progress and info.is_main), leave=False, dynamic_ncols=True)
+
+
+__all__ = ["train", "TrainingInterrupted", "NonFiniteLoss", "Settings", "resolve_settings", "format_table",
+           "lr_factor", "build_optimizer", "load_datasets"]
