@@ -178,6 +178,58 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class TrainStep:
+    """One optimisation step: ``label_sequences → model → c2f_loss → backward → clip → optimiser``.
+
+    The forward and the loss are one function, compiled once when ``settings.compile``; autocast
+    wraps it. ``net`` is the model, or its DDP wrapper. ``step(images, targets)`` returns
+    ``(loss, parts)``, the loss detached; a non-finite loss skips the update (the caller counts).
+    The benchmarks time this same object.
+    """
+
+    def __init__(self, net: nn.Module, model: C2FNet, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, class_order: torch.Tensor, cfg: TrainConfig, settings: Settings):
+        self.net, self.model, self.optimizer, self.scaler = net, model, optimizer, scaler
+        self.settings, self.grad_clip = settings, cfg.optim.grad_clip
+        self.class_order = class_order.to(settings.device)
+        self.steps = model.cfg.steps
+        o, teacher = cfg.optim, cfg.optim.feed == "teacher"
+
+        def forward_loss(images, targets, seq):
+            output = net(images, seq if teacher else None)
+            return c2f_loss(output, targets, seq, o.lambda1, o.lambda2, o.eps, o.eps_v)
+
+        self.forward_loss = torch.compile(forward_loss) if settings.compile else forward_loss
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if self.settings.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        seq = label_sequences(targets, self.class_order, self.steps)
+        with self.settings.autocast():
+            loss, parts = self.forward_loss(images, targets, seq)
+        if torch.isfinite(loss):
+            self.scaler.scale(loss).backward()
+            if self.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), parts
+
+
+def build_model(cfg: TrainConfig, num_classes: int, settings: Settings) -> C2FNet:
+    """The model of ``cfg.model`` for ``num_classes`` classes, on the device, channels_last and
+    with a frozen encoder as the config says."""
+    model_cfg = replace(cfg.model, num_classes=num_classes, fast_kernels=settings.fast_kernels)
+    model = C2FNet(model_cfg).to(settings.device)
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.optim.freeze_encoder:
+        model.encoder.requires_grad_(False)
+    return model
+
+
 # ----------------------------------------------------------------------------- bookkeeping
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -333,12 +385,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
     # -- data and model
     train_set, test_set = load_datasets(cfg, info)
     class_order = class_frequency_order(train_set.targets)
-    model_cfg = replace(cfg.model, num_classes=train_set.num_classes, fast_kernels=settings.fast_kernels)
-    model = C2FNet(model_cfg).to(settings.device)
-    if settings.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.optim.freeze_encoder:
-        model.encoder.requires_grad_(False)
+    model = build_model(cfg, train_set.num_classes, settings)
+    model_cfg = model.cfg
     train_loader, test_loader = build_loaders(cfg, train_set, test_set, info, settings)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg.optim.epochs
@@ -368,18 +416,11 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
     if info.enabled:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[settings.device.index] if settings.device.type == "cuda" else None)
-    teacher = cfg.optim.feed == "teacher"
-    o = cfg.optim
-
-    def forward_loss(images, targets, seq):
-        output = net(images, seq if teacher else None)
-        return c2f_loss(output, targets, seq, o.lambda1, o.lambda2, o.eps, o.eps_v)
-
-    step_fn = torch.compile(forward_loss) if settings.compile else forward_loss
+    train_step = TrainStep(net, model, optimizer, scaler, class_order, cfg, settings)
     eval_model = torch.compile(model) if settings.compile else model
-    order_dev = class_order.to(settings.device)
     peak = _peak_flops(settings.device)
-    flops_per_image = training_flops_per_image(model, model_cfg.image_size, settings.device, teacher) if peak else None
+    flops_per_image = (training_flops_per_image(model, model_cfg.image_size, settings.device,
+                                                cfg.optim.feed == "teacher") if peak else None)
     pointing = _pointing_game(test_set, model_cfg) if test_set.boxes and any(test_set.boxes) else None
 
     runlog = RunLog(run_dir / LOG_FILE, info.is_main)
@@ -424,25 +465,14 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
                 if i < state.epoch_step:  # resumed mid-epoch: these batches were trained on
                     continue
                 wait += time.perf_counter() - t_wait
-                if settings.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                seq = label_sequences(targets, order_dev, model_cfg.steps)
-                with settings.autocast():
-                    loss, parts = step_fn(images, targets, seq)
+                loss, parts = train_step(images, targets)
                 if torch.isfinite(loss):
                     nonfinite_run = 0
-                    scaler.scale(loss).backward()
-                    if o.grad_clip > 0:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    losses.append(loss.detach())
+                    losses.append(loss)
                 else:
                     nonfinite_run += 1
                     warnings.warn(f"step {state.step + 1}: non-finite loss ({loss.item()}); step skipped "
                                   f"({nonfinite_run} in a row)", RuntimeWarning, stacklevel=1)
-                optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 state.step += 1
                 state.epoch_step = i + 1
@@ -572,5 +602,5 @@ def _progress(cfg: TrainConfig, info: DistInfo, total: int, epoch: int, done: in
                 disable=not (cfg.run.progress and info.is_main), leave=False, dynamic_ncols=True)
 
 
-__all__ = ["train", "TrainingInterrupted", "NonFiniteLoss", "Settings", "resolve_settings", "format_table",
+__all__ = ["train", "TrainStep", "build_model", "TrainingInterrupted", "NonFiniteLoss", "Settings", "resolve_settings", "format_table",
            "lr_factor", "build_optimizer", "load_datasets"]
