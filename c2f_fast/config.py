@@ -41,7 +41,8 @@ ON_BAD_IMAGE = ("error", "skip")
 class DataConfig:
     """Where the images come from and how they are loaded.
 
-    format: "synthetic" (the built-in set, written to ``root`` on first use), "voc" (``root`` = the
+    format: "synthetic" (the built-in set, written to ``root`` on first use; empty ``root``: the
+        cache folder, see :func:`cache_dir`), "voc" (``root`` = the
         VOC2007/VOC2012 folder or the VOCdevkit), "coco" (``root`` holds
         ``annotations/instances_{split}.json`` and the ``{split}/`` image folder) or "list"
         (``train_split``/``test_split`` are list files, images relative to ``root``).
@@ -57,7 +58,7 @@ class DataConfig:
     """
 
     format: str = "synthetic"
-    root: str = "data/synthetic-demo"
+    root: str = ""
     train_split: str = "train"
     test_split: str = "test"
     year: str = "2007"
@@ -135,6 +136,24 @@ class TrainConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def cache_dir() -> Path:
+    """Where built data (the synthetic sets) is cached: ``$C2F_CACHE``, else
+    ``$XDG_CACHE_HOME/c2f_fast``, else ``~/.cache/c2f_fast``."""
+    if os.environ.get("C2F_CACHE"):
+        return Path(os.environ["C2F_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "c2f_fast"
+
+
+def data_root(data: DataConfig) -> Path:
+    """``data.root``, or for the synthetic set with no root, its folder in the cache."""
+    if data.root:
+        return Path(data.root)
+    if data.format == "synthetic":
+        return cache_dir() / f"synthetic-{data.preset}-seed{data.synthetic_seed}"
+    raise ConfigError(f"data.root: required for data.format={data.format} (the dataset's folder)")
 
 
 def _plain(value: Any) -> Any:
@@ -307,5 +326,5 @@ def _fix_numbers(values: Any) -> Any:
     return values
 
 
-__all__ = ["ConfigError", "DataConfig", "OptimConfig", "RunConfig", "TrainConfig", "config_from_dict",
+__all__ = ["cache_dir", "data_root", "ConfigError", "DataConfig", "OptimConfig", "RunConfig", "TrainConfig", "config_from_dict",
            "load_config", "parse_override"]

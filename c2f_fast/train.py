@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import TrainConfig, data_root
 from .distributed import DistInfo, all_gather_objects, any_rank, barrier, init_distributed, shutdown
 from .evaluate import evaluate
 from .labels import class_frequency_order, label_sequences
@@ -99,7 +99,7 @@ def load_datasets(cfg: TrainConfig, info: DistInfo, train: bool = True):
     from .data import load_coco, load_list, load_voc, make_synthetic
 
     d = cfg.data
-    root = Path(d.root)
+    root = data_root(d)
     if d.format == "synthetic":
         if info.is_main:
             make_synthetic(root, preset=d.preset, seed=d.synthetic_seed)
@@ -375,6 +375,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
+    t_start = time.perf_counter()
     settings = resolve_settings(cfg, info.device)
     run_dir = prepare_run_dir(cfg, resume, info)
     torch.manual_seed(cfg.run.seed + info.rank)
@@ -525,6 +526,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
 
     # -- the end: final weights, the metric table, curves
     summary = {"run": str(run_dir), "epochs": cfg.optim.epochs, "steps": state.step,
+               "seconds": time.perf_counter() - t_start,
                "best_epoch": state.best_epoch + 1, "best_mAP": state.best_map,
                "final": state.history[-1].get("eval", {}) if state.history else {}}
     if info.is_main:

@@ -287,3 +287,13 @@ def test_two_process_gloo_ddp_evaluates_every_image_once(synth_root, tmp_path):
     assert summary["final"]["num_images"] == 40 and summary["final"]["duplicates"] == 0
     # 96 images, 2 shards of 48, batch 8 per rank: 6 steps
     assert summary["steps"] == 6
+
+
+def test_default_dali_loader_runs_the_engine(synth_root, tmp_path):
+    """The engine's default loader (DALI, CPU operators here) through one short epoch."""
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed")
+    out = tmp_path / "dali"
+    summary = train(load_config(None, small_overrides(synth_root, out, **{"data.loader": "dali", "data.workers": 2,
+                                                                         "optim.epochs": 1})))
+    assert summary["steps"] == 96 // 16
+    assert summary["final"]["num_images"] == 40 and summary["final"]["duplicates"] == 0
