@@ -9,7 +9,7 @@ autotuned (tile sizes, warps, stages); ``python -m benchmarks.kernel_report`` (i
 compiles every candidate for sm_90/sm_80 and checks it.
 """
 
-from ._utils import available  # noqa: F401
+from ._utils import available, warn_if_unavailable  # noqa: F401
 from .registry import KERNELS, CompileConfig, KernelSpec, all_kernels, register_kernel  # noqa: F401
 
 #: Every op module; ``registry.all_kernels()`` imports each so that all kernels are registered.
@@ -24,5 +24,5 @@ from .lstm_cell import lstm_cell, lstm_cell_ref  # noqa: E402,F401
 __all__ = [
     "attention_pool", "attention_pool_ref", "additive_attention", "additive_attention_ref",
     "lstm_cell", "lstm_cell_ref", "KERNELS", "CompileConfig", "KernelSpec", "all_kernels",
-    "register_kernel", "available",
+    "register_kernel", "available", "warn_if_unavailable",
 ]

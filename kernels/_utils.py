@@ -42,6 +42,35 @@ def available() -> bool:
     return _triton_installed() and (torch.cuda.is_available() or interpret_mode())
 
 
+def unavailable_reason() -> str:
+    """Why the kernels cannot run here ("" when ``available()``)."""
+    if not _triton_installed():
+        return "triton is not installed"
+    if not (torch.cuda.is_available() or interpret_mode()):
+        return "there is no CUDA device and TRITON_INTERPRET is not set"
+    return ""
+
+
+_WARNED: set[str] = set()
+
+
+def warn_if_unavailable(who: str) -> bool:
+    """Warn once per process (per ``who``) when the kernels cannot run here, saying that the
+    plain-PyTorch reference path runs instead. Returns ``available()``."""
+    reason = unavailable_reason()
+    if reason and who not in _WARNED:
+        import warnings
+
+        _WARNED.add(who)
+        warnings.warn(
+            f"{who}: the Triton kernels cannot run here ({reason}); the plain-PyTorch reference "
+            f"path is used instead (same results, not the fast path).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return not reason
+
+
 def dtype_name(t: torch.Tensor) -> str:
     """Triton's name of a tensor's dtype ("fp32", "bf16", "fp16")."""
     return TRITON_DTYPES[t.dtype]
@@ -53,6 +82,8 @@ def use_triton(*tensors: Optional[torch.Tensor]) -> bool:
     On CUDA always; on CPU only under the interpreter, which handles fp32 alone.
     """
     present = [t for t in tensors if t is not None]
+    if not _triton_installed():
+        return False
     if all(t.is_cuda for t in present):
         return True
     if interpret_mode() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in present):
