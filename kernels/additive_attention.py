@@ -13,6 +13,16 @@ Every kernel writes only its outputs (never an input in place), so autotuning ma
 Backward (one kernel, grid (B, L-splits)): recomputes tanh from ``feats_proj`` instead of keeping
 B×L×A intermediates; d(query_proj) and dv, which sum over regions, go to fp32 per-program partial
 buffers that the host sums (deterministic, no atomics).
+
+dfeats per step. In the decoder this op runs once per step t, and each backward writes a dense
+``[B, L, D]`` dfeats term ``coef_t ⊗ dctx_t`` (rank one per row) that autograd adds to the others;
+one batched product ``coef^T [B,L,T] @ dctx [B,T,D]`` would write it once. It is not done: the sum
+needs every step's context gradient, which autograd hands to each step's own node, so deferring it
+takes either one autograd node over all T steps (attention, LSTM and prediction fused) or a side
+channel mutated behind autograd (not traceable by torch.compile). Measured and modelled in
+``benchmarks/dfeats_accumulation.py``: at B=256, L=784, D=512, T=5, bf16 the per-step terms move
+~3.5 GB per iteration against ~0.2 GB (~0.8 ms at 4 TB/s, under 1 % of a VGG-16 448-px step); on a
+2-core CPU (fp32, B=32, L=196) 108 ms against 12 ms.
 """
 
 from typing import Any, Optional
