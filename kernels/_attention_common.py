@@ -19,9 +19,8 @@ import inspect
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from ._utils import KernelLaunch, config, config_label, fast_path  # noqa: F401 (fast_path: the ops' dispatch rule)
 from .registry import BENCH_B, BENCH_LS
 

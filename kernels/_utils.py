@@ -11,8 +11,6 @@ feeds many different batch sizes pays one compile (and one autotune sweep) per s
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -27,9 +25,10 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=1)
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    from ._triton import HAVE_TRITON
+
+    return HAVE_TRITON
 
 
 def available() -> bool:

@@ -28,11 +28,10 @@ channel mutated behind autograd (not traceable by torch.compile). Measured and m
 from typing import Any, Optional
 
 import torch
-import triton
-import triton.language as tl
 from torch.library import triton_op
 
 from . import _attention_common as common
+from ._triton import tl, triton
 from ._utils import config, dtype_name, fixed_grid, launch
 from .registry import BENCH_A, BENCH_B, BENCH_D, KernelSpec, register_kernel
 

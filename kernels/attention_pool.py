@@ -14,11 +14,10 @@ stored between the passes.
 from typing import Any, Optional
 
 import torch
-import triton
-import triton.language as tl
 from torch.library import triton_op
 
 from . import _attention_common as common
+from ._triton import tl, triton
 from ._utils import dtype_name, fixed_grid, launch
 from .registry import BENCH_B, BENCH_D, KernelSpec, register_kernel
 

@@ -38,10 +38,9 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import triton
-import triton.language as tl
 from torch.library import triton_op
 
+from ._triton import tl, triton
 from ._utils import KernelLaunch, config, config_label, dtype_name, fast_path, fixed_grid, launch
 from .registry import BENCH_B, BENCH_H, CompileConfig, KernelSpec, register_kernel
 
