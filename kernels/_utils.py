@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ._triton import HAVE_TRITON
+
 TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -26,8 +28,6 @@ def interpret_mode() -> bool:
 
 
 def _triton_installed() -> bool:
-    from ._triton import HAVE_TRITON
-
     return HAVE_TRITON
 
 

@@ -51,10 +51,13 @@ def low_precision_errors(fast, torch_lp, ref32) -> tuple[float, float]:
 def assert_low_precision(name, fast, torch_lp, ref32, atol=None, eps=None):
     """The low-precision rule of every test: the error of the fast path against an fp32 reference
     is at most twice the error of PyTorch's own low-precision path against the same reference,
-    plus a small atol (default: one ``eps`` of the low-precision dtype at the reference's scale)."""
+    plus a small atol (default: ``eps`` -- the low-precision dtype's, bf16's if the results were
+    already upcast -- at the reference's scale)."""
     err_fast, err_torch = low_precision_errors(fast, torch_lp, ref32)
     if atol is None:
-        eps = eps if eps is not None else torch.finfo(torch_lp.dtype if torch_lp.dtype != torch.float32 else torch.bfloat16).eps
+        if eps is None:
+            low = fast.dtype if fast.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            eps = torch.finfo(low).eps
         atol = eps * max(1.0, ref32.float().abs().max().item())
     assert err_fast <= 2 * err_torch + atol, (
         f"{name}: fast error {err_fast:.3g} > 2 x torch low-precision error {err_torch:.3g} + atol {atol:.3g}"
