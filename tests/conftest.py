@@ -64,6 +64,29 @@ def assert_low_precision(name, fast, torch_lp, ref32, atol=None, eps=None):
     )
 
 
+@pytest.fixture
+def force_candidate(monkeypatch):
+    """``force_candidate(k)``: every launch runs autotune candidate ``k`` of its kernel (the last
+    one if it has fewer), so a test checks that candidate's results -- under the interpreter too,
+    which otherwise runs only the default. Returns the list of configs launched."""
+    from kernels import _utils
+
+    real = _utils.autotuned
+
+    def force(k: int) -> list:
+        launched = []
+
+        def pick(kernel, configs, key):
+            cfg = configs[min(k, len(configs) - 1)]
+            launched.append(cfg)
+            return real(kernel, [cfg], key)
+
+        monkeypatch.setattr(_utils, "autotuned", pick)
+        return launched
+
+    return force
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ import triton.language as tl
 import kernels
 from conftest import DEVICE, assert_low_precision, requires_cuda
 from kernels import _attention_common as common
+from kernels._utils import config_label
 from kernels.additive_attention import additive_attention, additive_attention_ref
 from kernels.attention_pool import attention_pool, attention_pool_ref
 from kernels.registry import KERNELS
@@ -146,6 +147,24 @@ def test_small_tiles_match_ref(op, case, monkeypatch):
             assert how.grid(meta)[1] > 1 or which == "fwd" and op == "pool"
             if "ROWS_PER_SPLIT" in how.ints:  # several BLOCK_L tiles per split
                 assert how.ints["ROWS_PER_SPLIT"] > meta["BLOCK_L"]
+
+
+@pytest.mark.parametrize("candidate", [0, 1, 2])
+@pytest.mark.parametrize("op", ["pool", "additive"])
+def test_every_autotune_candidate_matches_ref(op, candidate, force_candidate):
+    """Each autotune candidate (tile rows, warps, stages) computes the same results: run with every
+    launch forced to candidate ``candidate`` (forward, combine and backward kernels)."""
+    launched = force_candidate(candidate)
+    B, L, D, A = 3, 197, 40, 72
+    if op == "pool":
+        _compare_with_ref("pool", _pool_inputs(B, L, D, True))
+        configs = [ap_mod._launch_config(B, L, D, "fp32")[w].configs for w in ("fwd", "bwd")]
+    else:
+        _compare_with_ref("additive", _additive_inputs(B, L, D, A, True))
+        configs = [aa_mod._launch_config(B, L, D, A, "fp32")[w].configs for w in ("fwd", "combine", "bwd")]
+    assert any(len(c) > candidate for c in configs), "the shape offers no such candidate"
+    expected = [config_label(c[min(candidate, len(c) - 1)]) for c in configs]  # launch order
+    assert [config_label(c) for c in launched] == expected
 
 
 def test_large_L_once():

@@ -91,6 +91,22 @@ def test_matches_reference_fwd_bwd(H, B, bias):
         _close(g, r, what=f"d_{name}")
 
 
+@pytest.mark.parametrize("candidate", [0, 1, 2])
+def test_every_autotune_candidate_matches_reference(candidate, force_candidate):
+    """Each autotune candidate (forward BLOCK_K/warps/stages, backward BLOCK_H/warps) computes the
+    same results: every launch forced to candidate ``candidate``."""
+    launched = force_candidate(candidate)
+    ins = _make(70, 72)
+    outs, grads, h_new = _outputs_and_grads(lstm_cell, ins)
+    _assert_triton_ran(h_new)
+    ref_outs, ref_grads, _ = _outputs_and_grads(lstm_cell_ref, ins)
+    for name, o, r in zip(["h_new", "c_new", "d_gates_x", "d_h", "d_c", "d_w_hh", "d_bias"],
+                          [*outs, *grads], [*ref_outs, *ref_grads]):
+        _close(o, r, atol=5e-5, what=f"candidate {candidate}: {name}")
+    launches = _launch_config(70, 72, "fp32")
+    assert len(launched) == 2 and all(len(launches[w].configs) > candidate for w in ("fwd", "bwd"))
+
+
 def test_matches_nn_lstmcell():
     """gates_x = x @ weight_ih.T + bias_ih, w_hh = weight_hh, bias = bias_hh gives nn.LSTMCell,
     outputs and gradients of x, h, c and all four parameters."""
