@@ -287,6 +287,24 @@ def test_every_registered_kernel_compiles_for_sm90(registered):
 
 
 @pytest.mark.slow
+def test_report_covers_every_autotune_candidate(registered):
+    """Every kernel is autotuned over several candidates, and the report compiled each of them
+    (the registry's configs are the launchers' candidates at the benchmark sizes)."""
+    from kernels import all_kernels
+
+    for name, spec in all_kernels().items():
+        for dtype in spec.dtypes:
+            labels = [c.label for c in spec.configs(dtype)]
+            reported = [r.config for r in registered.reports if r.kernel == name and r.dtype == dtype]
+            assert sorted(reported) == sorted(labels), f"{name} {dtype}"
+            per_size: dict[str, int] = {}
+            for label in labels:
+                size = label.split(" grid=")[0]
+                per_size[size] = per_size.get(size, 0) + 1
+            assert min(per_size.values()) >= 2, f"{name} {dtype}: fewer than two autotune candidates {per_size}"
+
+
+@pytest.mark.slow
 def test_registered_kernels_do_not_spill(registered):
     failures = _failures(registered, "spills") + _failures(registered, "cannot launch")
     assert not failures, "\n\n".join(failures)
