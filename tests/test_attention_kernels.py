@@ -17,7 +17,7 @@ import triton.language as tl
 import kernels
 from conftest import DEVICE, assert_low_precision, requires_cuda
 from kernels import _attention_common as common
-from kernels._utils import config_label
+from kernels._utils import config_label, interpret_mode
 from kernels.additive_attention import additive_attention, additive_attention_ref
 from kernels.attention_pool import attention_pool, attention_pool_ref
 from kernels.registry import KERNELS
@@ -296,6 +296,43 @@ def test_fast_path_really_runs_kernels(monkeypatch):
     monkeypatch.setattr(aa_mod, "additive_attention_ref", boom)
     attention_pool(*_pool_inputs(1, 49, 8, False))
     additive_attention(*_additive_inputs(1, 49, 8, 8, False))
+
+
+@pytest.mark.skipif(not interpret_mode(), reason="runs the kernels in Triton's CPU interpreter")
+def test_interpreter_mixed_dtypes_fp16():
+    """What autocast hands the local attention: fp16/bf16 features, projections and prior with the
+    fp32 parameter ``v`` (and the global attention: low-precision feats and scores). The
+    interpreter runs fp16 (numpy has no bfloat16) when the custom ops are called directly,
+    bypassing the fp32-only CPU dispatch; the low-precision rule holds for every output and
+    gradient, and each gradient has its input's dtype."""
+    B, L, D, A = 2, 49, 40, 24
+    feats, feats_proj, query_proj, v, prior = _additive_inputs(B, L, D, A, True, device="cpu")
+    low = [t.half() for t in (feats, feats_proj, query_proj)] + [v, prior.half()]  # v stays fp32
+    gc, gw = torch.randn(B, D), torch.randn(B, L)
+
+    def op_additive(f, fp, q, vv, p, upcast=None):
+        context, weights, _, _ = torch.ops.c2f_fast.additive_attention(f, fp, q, vv, p)
+        return context, weights
+
+    got = _run(op_additive, low, gc, gw)
+    want = _run(additive_attention_ref, [t.float() for t in low], gc, gw)
+    torch_lp = _run(additive_attention_ref, [t.half() for t in low], gc, gw, upcast=False)  # autocast: v in fp16
+    names = _names("additive", low)
+    for name, g, t, w, x in zip(names, got, torch_lp, want, [None, None, *low]):
+        if x is not None:
+            assert g.dtype == x.dtype, f"{name}: {g.dtype} for an input of {x.dtype}"
+        assert_low_precision(name, g, t, w, atol=1e-3 * max(1.0, w.abs().max().item()))
+
+    def op_pool(f, sc, p, upcast=None):
+        context, weights, _, _ = torch.ops.c2f_fast.attention_pool(f, sc, p)
+        return context, weights
+
+    pool_low = [t.half() for t in _pool_inputs(B, L, D, False, device="cpu")[:2]] + [None]
+    got = _run(op_pool, pool_low, gc, gw)
+    want = _run(attention_pool_ref, [None if t is None else t.float() for t in pool_low], gc, gw)
+    torch_lp = _run(attention_pool_ref, pool_low, gc, gw, upcast=False)
+    for name, g, t, w in zip(_names("pool", pool_low), got, torch_lp, want):
+        assert_low_precision(name, g, t, w, atol=1e-3 * max(1.0, w.abs().max().item()))
 
 
 # ----------------------------------------------------------------------------------------------
