@@ -158,17 +158,24 @@ def _config_key(cfg: Any) -> tuple:
 _TUNED: dict[tuple, Any] = {}
 
 
+def autotune_enabled() -> bool:
+    """False when ``C2F_KERNELS_AUTOTUNE=0``: every launch runs its default (first) candidate,
+    skipping the timing sweep (each new problem size otherwise compiles and times every
+    candidate once: seconds, which adds up in a test run over many shapes)."""
+    return os.environ.get("C2F_KERNELS_AUTOTUNE", "1") not in ("", "0")
+
+
 def autotuned(kernel: Any, configs: Sequence[Any], key: Sequence[str]) -> Any:
     """``triton.autotune(configs, key)(kernel)``, one object per (kernel, configs, key).
 
-    Under the interpreter only ``configs[0]`` is kept: there is nothing to time on a CPU, and a
-    one-config autotuner launches it directly. Only ``configs`` and ``key`` are used (no
+    Under the interpreter (or with ``C2F_KERNELS_AUTOTUNE=0``) only ``configs[0]`` is kept:
+    there is nothing to time on a CPU, and a one-config autotuner launches it directly. Only ``configs`` and ``key`` are used (no
     ``prune_configs_by``, ``reset_to_zero``, ...) so that ``torch.compile`` traces the
     autotuner through ``wrap_triton`` on every torch >= 2.6.
     """
     import triton
 
-    configs = list(configs[:1] if interpret_mode() else configs)
+    configs = list(configs[:1] if interpret_mode() or not autotune_enabled() else configs)
     cache_key = (id(kernel), tuple(_config_key(c) for c in configs), tuple(key))
     tuned = _TUNED.get(cache_key)
     if tuned is None:
