@@ -34,7 +34,7 @@ class VGGEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmap = self.features(images)
         fc7 = self.fc(torch.flatten(self.avgpool(self.pool(fmap)), 1))
-        return fmap.flatten(2).transpose(1, 2), fc7
+        return fmap.flatten(2).transpose(1, 2).contiguous(), fc7
 
 
 class ResNetEncoder(nn.Module):
@@ -52,7 +52,7 @@ class ResNetEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmap = self.body(images)
-        return fmap.flatten(2).transpose(1, 2), fmap.mean(dim=(2, 3))
+        return fmap.flatten(2).transpose(1, 2).contiguous(), fmap.mean(dim=(2, 3))
 
 
 class TinyEncoder(nn.Module):
@@ -87,7 +87,7 @@ class TinyEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmap = self.features(images)  # 1/16 resolution
         fc = self.fc(torch.amax(fmap, dim=(2, 3)))
-        return fmap.flatten(2).transpose(1, 2), fc
+        return fmap.flatten(2).transpose(1, 2).contiguous(), fc
 
 
 def _torchvision_weights(backbone: str):

@@ -145,6 +145,10 @@ class C2FNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.fast_kernels:  # where the Triton ops cannot run they take their references: say so, once
+            import kernels
+
+            kernels.warn_if_unavailable("ModelConfig(fast_kernels=True)")
         self.encoder = build_encoder(cfg.backbone, cfg.pretrained)
         D, Fdim = self.encoder.feat_dim, self.encoder.fc_dim
         C, H = cfg.num_classes, cfg.hidden

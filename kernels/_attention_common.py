@@ -6,7 +6,7 @@ module holds what does not depend on that: argument checks, launch-shape arithme
 signature bookkeeping for the kernel registry, and small ``@triton.jit`` helpers.
 
 Kernel layout conventions (shared by every attention kernel, and relied on by the
-``kernels.report`` checks):
+``benchmarks/kernel_report.py`` checks):
 - every streamed tensor is contiguous with its innermost dimension (D or A) a ``tl.constexpr``,
   walked by a power-of-two ``tl.arange`` block, so a row offset is a known multiple of D (or A)
   and bf16/fp16 loads vectorise to 16 bytes;
@@ -16,20 +16,26 @@ Kernel layout conventions (shared by every attention kernel, and relied on by th
 """
 
 import inspect
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-import triton
-import triton.language as tl
 
-from ._utils import TRITON_DTYPES, use_triton
+from ._triton import tl, triton
+from ._utils import KernelLaunch, config, config_label, fast_path  # noqa: F401 (fast_path: the ops' dispatch rule)
 from .registry import BENCH_B, BENCH_LS
 
-#: Programs a launch aims for: about 8 resident programs on each SM of an H100/H200 (132 SMs).
-#: Fixed rather than read off the device so that ``configs()`` gives the same answer on a machine
-#: without a GPU as the launcher does on one.
-TARGET_PROGRAMS = 1024
+#: SMs of an H100/H200. Fixed rather than read off the device so that ``configs()`` gives the
+#: same answer on a machine without a GPU as the launcher does on one.
+NUM_SMS = 132
+#: Waves of resident programs a split launch aims for (two: the tail of a ragged last wave costs
+#: at most a third of the run, and each program still streams a long run of rows).
+WAVES = 2
+
+
+def target_programs(resident_per_sm: int) -> int:
+    """Programs a launch aims for: ``WAVES`` full waves of ``resident_per_sm`` programs per SM,
+    the kernel's occupancy as ``benchmarks/KERNELS.md`` reports it (registers decide it)."""
+    return NUM_SMS * resident_per_sm * WAVES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,12 +75,6 @@ def check_nonempty(feats: torch.Tensor) -> None:
         raise ValueError("feats must have at least one channel (D >= 1), got D = 0")
 
 
-def fast_path(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether the Triton kernels run: ``use_triton`` and every dtype one the kernels handle."""
-    present = [t for t in tensors if t is not None]
-    return use_triton(*present) and all(t.dtype in TRITON_DTYPES for t in present)
-
-
 def upcast(t: Optional[torch.Tensor], enabled: bool) -> Optional[torch.Tensor]:
     """fp16/bf16 -> fp32 when ``enabled``; fp32/fp64 are left alone (gradcheck runs in fp64)."""
     if t is None or not enabled or t.dtype not in (torch.float16, torch.bfloat16):
@@ -92,7 +92,10 @@ def placeholder(like: torch.Tensor) -> torch.Tensor:
 
 def contiguous(t: torch.Tensor) -> torch.Tensor:
     """The kernels index every tensor as dense row-major: expanded (stride-0) or transposed
-    inputs and incoming gradients are materialised here."""
+    inputs and incoming gradients are materialised here. For a tensor that is already dense this
+    is free (``Tensor.contiguous`` returns it without a copy): the model's encoders emit a dense
+    ``[B, L, D]`` feature map once (docs/model.md, "Encoder"), so the ``[B, L, D]`` operands reach
+    the kernels without copies; only small ``[B, D]`` / ``[B, L]`` gradients may be copied."""
     return t.contiguous()
 
 
@@ -111,28 +114,32 @@ def rows_per_tile(tile_elems: int, width: int, L: int) -> int:
     return max(1, min(tile_elems // width, pow2(L)))
 
 
-def split_rows(B: int, L: int, block_l: int, target_programs: int) -> tuple[int, int]:
-    """Split each batch row's L-blocks over programs so that ``B · n_split`` reaches about
-    ``target_programs``. Returns ``(n_split, blocks_per_split)`` with no empty split."""
-    n_blocks = triton.cdiv(L, block_l)
-    n_split = max(1, min(n_blocks, triton.cdiv(target_programs, max(B, 1))))
-    blocks_per_split = triton.cdiv(n_blocks, n_split)
-    return triton.cdiv(n_blocks, blocks_per_split), blocks_per_split
+def split_rows(B: int, L: int, align: int, target: int) -> tuple[int, int]:
+    """Split each batch row's L regions over programs so that ``B · n_split`` reaches about
+    ``target``. Returns ``(n_split, rows_per_split)``: ``rows_per_split`` is a multiple of
+    ``align`` (the largest tuned BLOCK_L, so no candidate has a ragged tile at a split boundary)
+    and no split is empty. The split does not depend on the tuned BLOCK_L: the per-split
+    partial buffers are allocated before autotuning picks one."""
+    n_blocks = triton.cdiv(L, align)
+    n_split = max(1, min(n_blocks, triton.cdiv(target, max(B, 1))))
+    rows_per_split = triton.cdiv(n_blocks, n_split) * align
+    return triton.cdiv(L, rows_per_split), rows_per_split
 
 
-@dataclass(frozen=True)
-class KernelLaunch:
-    """How the host launches one kernel: grid, block-size constexprs, warps/stages, and the
-    runtime integer arguments that the launch arithmetic fixes (e.g. ``BLOCKS_PER_SPLIT``)."""
+def block_l_configs(width: int, L: int, tiles: Sequence[tuple[int, int, int]]) -> tuple[Any, ...]:
+    """Autotune candidates ``[BLOCK_L, width]`` for ``tiles`` = ``(tile elements, warps, stages)``
+    (the first is the default); BLOCK_L = rows_per_tile(elements, width, L), duplicates dropped."""
+    out, seen = [], set()
+    for elems, warps, stages in tiles:
+        block_l = rows_per_tile(elems, width, L)
+        if (block_l, warps, stages) not in seen:
+            seen.add((block_l, warps, stages))
+            out.append(config(warps, stages, BLOCK_L=block_l))
+    return tuple(out)
 
-    grid: tuple[int, ...]
-    constexprs: dict[str, Any]
-    num_warps: int
-    num_stages: int = 1
-    ints: dict[str, int] = field(default_factory=dict)
 
-    def kwargs(self) -> dict[str, Any]:
-        return {**self.constexprs, "num_warps": self.num_warps, "num_stages": self.num_stages}
+def max_block_l(configs: Sequence[Any]) -> int:
+    return max(c.kwargs["BLOCK_L"] for c in configs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,39 +185,43 @@ def bench_registry(
 ) -> tuple[Callable[[str], list[Any]], Callable[[Any], dict[str, int]]]:
     """``(configs, scalars)`` for a ``KernelSpec`` of ``kernel`` (launched as ``which``).
 
-    ``configs(dtype)``: one ``CompileConfig`` per benchmark L, from ``launch_for(L, dtype)`` -- the
-    op's own ``_launch_config`` at B = ``BENCH_B`` -- plus the flags/sizes ``constexprs_for(dtype)``.
+    ``configs(dtype)``: one ``CompileConfig`` per benchmark L and per autotune candidate of
+    ``launch_for(L, dtype)`` -- the op's own ``_launch_config`` at B = ``BENCH_B`` -- plus the
+    flags/sizes ``constexprs_for(dtype)``: the report compiles every config autotuning may pick.
     ``scalars(config)``: the runtime integer arguments of that launch (``L`` and the launch's
-    ``ints``), so that ``kernels.report`` specialises them on their values as Triton's JIT does.
+    ``ints``), so that the kernel report specialises them on their values as Triton's JIT does.
     """
     from .registry import CompileConfig
 
     runtime = runtime_arg_names(kernel)
 
-    def label(L: int, launch: KernelLaunch) -> str:
-        return f"{which} B={BENCH_B} L={L} {sizes} grid={launch.grid}"
+    def label(L: int, launch: KernelLaunch, cfg: Any) -> str:
+        grid = launch.grid(launch.meta(cfg))
+        return f"{which} B={BENCH_B} L={L} {sizes} grid={grid} {config_label(cfg)}"
 
     def configs(dtype: str) -> list[Any]:
         out = []
         for L in BENCH_LS:
             launch = launch_for(L, dtype)[which]
-            out.append(
-                CompileConfig(
-                    label=label(L, launch),
-                    signature=signature(kernel, kinds, dtype),
-                    constexprs={**constexprs_for(dtype), **launch.constexprs},
-                    num_warps=launch.num_warps,
-                    num_stages=launch.num_stages,
+            for cfg in launch.configs:
+                out.append(
+                    CompileConfig(
+                        label=label(L, launch, cfg),
+                        signature=signature(kernel, kinds, dtype),
+                        constexprs={**constexprs_for(dtype), **launch.meta(cfg)},
+                        num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages,
+                    )
                 )
-            )
         return out
 
     def scalars(config: Any) -> dict[str, int]:
-        for L in BENCH_LS:
-            launch = launch_for(L, "fp32")[which]  # launch shapes do not depend on the dtype
-            if label(L, launch) == config.label:
-                values = {"L": L, **launch.ints}
-                return {k: v for k, v in values.items() if k in runtime}
+        for dtype in ("fp32", "bf16"):
+            for L in BENCH_LS:
+                launch = launch_for(L, dtype)[which]
+                if any(label(L, launch, cfg) == config.label for cfg in launch.configs):
+                    values = {"L": L, **launch.ints}
+                    return {k: v for k, v in values.items() if k in runtime}
         raise ValueError(f"no benchmark launch of {kernel.fn.__name__} is labelled {config.label!r}")
 
     return configs, scalars

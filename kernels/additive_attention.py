@@ -9,29 +9,45 @@ Forward (two kernels):
    scoring and pooling them with an online softmax; it writes the raw scores (fp32, B×L) and its
    partial (max, Σexp, Σexp·prior·feats).
 2. grid (B,): merges the partials into the context and turns the scores into the weights.
+Every kernel writes only its outputs (never an input in place), so autotuning may rerun it.
 Backward (one kernel, grid (B, L-splits)): recomputes tanh from ``feats_proj`` instead of keeping
 B×L×A intermediates; d(query_proj) and dv, which sum over regions, go to fp32 per-program partial
 buffers that the host sums (deterministic, no atomics).
+
+dfeats per step. In the decoder this op runs once per step t, and each backward writes a dense
+``[B, L, D]`` dfeats term ``coef_t ⊗ dctx_t`` (rank one per row) that autograd adds to the others;
+one batched product ``coef^T [B,L,T] @ dctx [B,T,D]`` would write it once. It is not done: the sum
+needs every step's context gradient, which autograd hands to each step's own node, so deferring it
+takes either one autograd node over all T steps (attention, LSTM and prediction fused) or a side
+channel mutated behind autograd (not traceable by torch.compile). Measured and modelled in
+``benchmarks/dfeats_accumulation.py``: at B=256, L=784, D=512, T=5, bf16 the per-step terms move
+~3.5 GB per iteration against ~0.2 GB (~0.8 ms at 4 TB/s, under 1 % of a VGG-16 448-px step); on a
+2-core CPU (fp32, B=32, L=196) 108 ms against 12 ms.
 """
 
 from typing import Any, Optional
 
 import torch
-import triton
-import triton.language as tl
 from torch.library import triton_op
 
 from . import _attention_common as common
-from ._utils import dtype_name, launchable
+from ._triton import tl, triton
+from ._utils import config, dtype_name, fixed_grid, launch
 from .registry import BENCH_A, BENCH_B, BENCH_D, KernelSpec, register_kernel
 
 __all__ = ["additive_attention", "additive_attention_ref"]
 
-#: Elements per ``[BLOCK_L, max(BLOCK_D, BLOCK_A)]`` tile in the forward (8 warps → 32 per thread
-#: for each of the feats tile, the feats_proj tile and the context accumulator).
-TILE_FWD = 8192
+#: Autotune candidates of the forward: ``(elements per [BLOCK_L, max(BLOCK_D, BLOCK_A)] tile,
+#: warps, stages)``, the first the default (8 warps → 32 per thread for each of the feats tile,
+#: the feats_proj tile and the context accumulator).
+TILES_FWD = ((8192, 8, 1), (8192, 8, 2), (4096, 4, 1))
 #: The backward holds twice as many live tiles (inputs, outputs, two accumulators): half the rows.
-TILE_BWD = 4096
+TILES_BWD = ((4096, 8, 1), (4096, 8, 2), (2048, 4, 1))
+#: Combine (one program per row): warps and stages only.
+COMBINE_CONFIGS = ((4, 1), (2, 1))
+#: Resident programs per SM (benchmarks/KERNELS.md: 2, registers, for the forward and backward):
+#: sets the split target, so that a launch is ``common.WAVES`` full waves.
+RESIDENT_PER_SM = 2
 #: Scores are read in chunks of at most this many (combine, δ).
 MAX_BLOCK_LS = 1024
 
@@ -98,7 +114,7 @@ def additive_attention_ref(
 def _additive_attention_fwd_kernel(
     feats, feats_proj, query_proj, v, prior,
     scores32, part_max, part_sum, part_ctx,
-    L, BLOCKS_PER_SPLIT,
+    L, ROWS_PER_SPLIT,
     D: tl.constexpr, A: tl.constexpr, HAS_PRIOR: tl.constexpr, FAST_TANH: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
@@ -119,8 +135,8 @@ def _additive_attention_fwd_kernel(
     m = tl.full([], float("-inf"), tl.float32)  # running max of the scores
     denom = tl.zeros([], tl.float32)  # running Σ exp(s - m)
     acc = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)  # Σ exp(s - m) prior feats, rows reduced last
-    l_begin = split * BLOCKS_PER_SPLIT * BLOCK_L
-    l_end = tl.minimum(l_begin + BLOCKS_PER_SPLIT * BLOCK_L, L)
+    l_begin = split * ROWS_PER_SPLIT
+    l_end = tl.minimum(l_begin + ROWS_PER_SPLIT, L)
     for l0 in range(l_begin, l_end, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         mask_l = offs_l < L
@@ -155,11 +171,12 @@ def _additive_attention_fwd_kernel(
 @triton.jit
 def _additive_attention_combine_kernel(
     part_max, part_sum, part_ctx, scores32,
-    context, context32, weights,
+    context, context32, weights, weights32,
     L, N_SPLIT,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_LS: tl.constexpr,
 ):
-    """Program b: merge row b's split partials; scores32 is overwritten with the fp32 weights."""
+    """Program b: merge row b's split partials into the context and turn the raw scores into the
+    weights (written, like every kernel output, to its own buffer: autotuning runs it twice)."""
     b = tl.program_id(0)
     row = b.to(tl.int64)
     m = tl.full([], float("-inf"), tl.float32)
@@ -183,7 +200,7 @@ def _additive_attention_combine_kernel(
         mask = offs < L
         s = tl.load(scores32 + row * L + offs, mask=mask, other=float("-inf"))
         w = tl.exp(s - m) * inv_denom
-        tl.store(scores32 + row * L + offs, w, mask=mask)
+        tl.store(weights32 + row * L + offs, w, mask=mask)
         tl.store(weights + row * L + offs, w.to(weights.dtype.element_ty), mask=mask)
 
 
@@ -192,7 +209,7 @@ def _additive_attention_bwd_kernel(
     feats, feats_proj, query_proj, v, prior,
     weights32, context32, dcontext, dweights,
     dfeats, dfeats_proj, dprior, part_dq, part_dv,
-    L, BLOCKS_PER_SPLIT,
+    L, ROWS_PER_SPLIT,
     D: tl.constexpr, A: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_GW: tl.constexpr,
     NEED_DFEATS: tl.constexpr, NEED_DPRIOR: tl.constexpr, FAST_TANH: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_LS: tl.constexpr,
@@ -226,8 +243,8 @@ def _additive_attention_bwd_kernel(
 
     dq_acc = tl.zeros([BLOCK_L, BLOCK_A], tl.float32)
     dv_acc = tl.zeros([BLOCK_L, BLOCK_A], tl.float32)
-    l_begin = split * BLOCKS_PER_SPLIT * BLOCK_L
-    l_end = tl.minimum(l_begin + BLOCKS_PER_SPLIT * BLOCK_L, L)
+    l_begin = split * ROWS_PER_SPLIT
+    l_end = tl.minimum(l_begin + ROWS_PER_SPLIT, L)
     for l0 in range(l_begin, l_end, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         mask_l = offs_l < L
@@ -270,40 +287,46 @@ def _additive_attention_bwd_kernel(
 
 
 def _launch_config(B: int, L: int, D: int, A: int, dtype: str) -> dict[str, common.KernelLaunch]:
-    """Grid, block sizes and warps of the three kernels for a ``[B, L, D]``/``[B, L, A]`` problem.
+    """Grid, block sizes and autotune candidates of the three kernels for a ``[B, L, D]`` /
+    ``[B, L, A]`` problem.
 
     Streaming programs hold the full (power-of-two padded) D and A in their tiles and loop over
-    L in BLOCK_L rows; each batch row's L-blocks are split over enough programs that
-    B·splits reaches ``TARGET_PROGRAMS`` (B = 256 alone is under two programs per SM).
+    their ``ROWS_PER_SPLIT`` regions in BLOCK_L rows; each batch row is split over enough programs
+    that B·splits reaches ``target_programs`` (B = 256 alone is under one program per SM). The
+    split (hence the partial buffers) is fixed by the host; BLOCK_L, warps and stages are tuned.
     """
     if dtype not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"dtype must be one of fp32/bf16/fp16, got {dtype!r}")
+    target = common.target_programs(RESIDENT_PER_SM)
     block_d = common.pow2(D)
     block_a = common.pow2(A)
     width = max(block_d, block_a)
     block_ls = min(common.pow2(L), MAX_BLOCK_LS)
 
-    block_l = common.rows_per_tile(TILE_FWD, width, L)
-    n_split, blocks_per_split = common.split_rows(B, L, block_l, common.TARGET_PROGRAMS)
+    configs_fwd = common.block_l_configs(width, L, TILES_FWD)
+    n_split, rows_per_split = common.split_rows(B, L, common.max_block_l(configs_fwd), target)
     fwd = common.KernelLaunch(
-        grid=(B, n_split),
-        constexprs=dict(BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_A=block_a),
-        num_warps=8 if block_l * width >= 4096 else 4,
-        ints=dict(BLOCKS_PER_SPLIT=blocks_per_split, N_SPLIT=n_split),
+        grid=fixed_grid(B, n_split),
+        constexprs=dict(BLOCK_D=block_d, BLOCK_A=block_a),
+        configs=configs_fwd,
+        key=("L", "D", "A", "ROWS_PER_SPLIT"),
+        ints=dict(ROWS_PER_SPLIT=rows_per_split, N_SPLIT=n_split),
     )
     combine = common.KernelLaunch(
-        grid=(B,),
+        grid=fixed_grid(B),
         constexprs=dict(BLOCK_D=block_d, BLOCK_LS=block_ls),
-        num_warps=4,
+        configs=tuple(config(w, st) for w, st in COMBINE_CONFIGS),
+        key=("L", "D", "N_SPLIT"),
         ints=dict(N_SPLIT=n_split),
     )
-    block_l_bwd = common.rows_per_tile(TILE_BWD, width, L)
-    n_split_bwd, blocks_per_split_bwd = common.split_rows(B, L, block_l_bwd, common.TARGET_PROGRAMS)
+    configs_bwd = common.block_l_configs(width, L, TILES_BWD)
+    n_split_bwd, rows_per_split_bwd = common.split_rows(B, L, common.max_block_l(configs_bwd), target)
     bwd = common.KernelLaunch(
-        grid=(B, n_split_bwd),
-        constexprs=dict(BLOCK_L=block_l_bwd, BLOCK_D=block_d, BLOCK_A=block_a, BLOCK_LS=block_ls),
-        num_warps=8 if block_l_bwd * width >= 4096 else 4,
-        ints=dict(BLOCKS_PER_SPLIT=blocks_per_split_bwd, N_SPLIT=n_split_bwd),
+        grid=fixed_grid(B, n_split_bwd),
+        constexprs=dict(BLOCK_D=block_d, BLOCK_A=block_a, BLOCK_LS=block_ls),
+        configs=configs_bwd,
+        key=("L", "D", "A", "ROWS_PER_SPLIT"),
+        ints=dict(ROWS_PER_SPLIT=rows_per_split_bwd, N_SPLIT=n_split_bwd),
     )
     return {"fwd": fwd, "combine": combine, "bwd": bwd}
 
@@ -311,17 +334,17 @@ def _launch_config(B: int, L: int, D: int, A: int, dtype: str) -> dict[str, comm
 _FWD_KINDS = dict(
     feats="io", feats_proj="io", query_proj="io", v="io", prior="io",
     scores32="f32", part_max="f32", part_sum="f32", part_ctx="f32",
-    L="i32", BLOCKS_PER_SPLIT="i32",
+    L="i32", ROWS_PER_SPLIT="i32",
 )
 _COMBINE_KINDS = dict(
     part_max="f32", part_sum="f32", part_ctx="f32", scores32="f32",
-    context="io", context32="f32", weights="io", L="i32", N_SPLIT="i32",
+    context="io", context32="f32", weights="io", weights32="f32", L="i32", N_SPLIT="i32",
 )
 _BWD_KINDS = dict(
     feats="io", feats_proj="io", query_proj="io", v="io", prior="io",
     weights32="f32", context32="f32", dcontext="io", dweights="io",
     dfeats="io", dfeats_proj="io", dprior="io", part_dq="f32", part_dv="f32",
-    L="i32", BLOCKS_PER_SPLIT="i32",
+    L="i32", ROWS_PER_SPLIT="i32",
 )
 
 
@@ -408,29 +431,31 @@ def _additive_attention_op(
     prior = None if prior is None else common.contiguous(prior)
     B, L, D = feats.shape
     A = feats_proj.shape[2]
-    launch = _launch_config(B, L, D, A, dtype_name(feats_proj))
-    fwd, combine = launch["fwd"], launch["combine"]
+    launches = _launch_config(B, L, D, A, dtype_name(feats_proj))
+    fwd, combine = launches["fwd"], launches["combine"]
     n_split = fwd.ints["N_SPLIT"]
     context = feats.new_empty((B, D))
     weights = feats.new_empty((B, L))
     context32 = feats.new_empty((B, D), dtype=torch.float32)
-    weights32 = feats.new_empty((B, L), dtype=torch.float32)  # raw scores until combined
+    weights32 = feats.new_empty((B, L), dtype=torch.float32)
+    scores32 = feats.new_empty((B, L), dtype=torch.float32)
     part_max = feats.new_empty((B, n_split), dtype=torch.float32)
     part_sum = feats.new_empty((B, n_split), dtype=torch.float32)
     part_ctx = feats.new_empty((B, n_split, D), dtype=torch.float32)
     if B > 0:
-        launchable(_additive_attention_fwd_kernel)[fwd.grid](
+        launch(
+            _additive_attention_fwd_kernel, fwd,
             feats, feats_proj, query_proj, v, prior if prior is not None else common.placeholder(feats),
-            weights32, part_max, part_sum, part_ctx,
-            L, fwd.ints["BLOCKS_PER_SPLIT"],
+            scores32, part_max, part_sum, part_ctx,
+            L, fwd.ints["ROWS_PER_SPLIT"],
             D=D, A=A, HAS_PRIOR=prior is not None, FAST_TANH=_fast_tanh(feats_proj),
-            **fwd.kwargs(),
         )
-        launchable(_additive_attention_combine_kernel)[combine.grid](
-            part_max, part_sum, part_ctx, weights32,
-            context, context32, weights,
+        launch(
+            _additive_attention_combine_kernel, combine,
+            part_max, part_sum, part_ctx, scores32,
+            context, context32, weights, weights32,
             L, n_split,
-            D=D, **combine.kwargs(),
+            D=D,
         )
     return context, weights, context32, weights32
 
@@ -467,16 +492,16 @@ def _additive_attention_backward_op(
     part_dq = feats.new_empty((B, n_split, A), dtype=torch.float32)
     part_dv = feats.new_empty((B, n_split, A), dtype=torch.float32)
     if B > 0:
-        launchable(_additive_attention_bwd_kernel)[bwd.grid](
+        launch(
+            _additive_attention_bwd_kernel, bwd,
             feats, feats_proj, query_proj, v, prior if prior is not None else common.placeholder(feats),
             weights32, context32, dcontext,
             dweights if dweights is not None else common.placeholder(feats),
             dfeats, dfeats_proj, dprior,
             part_dq, part_dv,
-            L, bwd.ints["BLOCKS_PER_SPLIT"],
+            L, bwd.ints["ROWS_PER_SPLIT"],
             D=D, A=A, HAS_PRIOR=prior is not None, HAS_GW=dweights is not None,
             NEED_DFEATS=need_dfeats, NEED_DPRIOR=need_dprior, FAST_TANH=_fast_tanh(feats_proj),
-            **bwd.kwargs(),
         )
     # Fixed-order fp32 sums of the per-program partials: deterministic.
     dquery_proj = part_dq.sum(dim=1).to(query_proj.dtype)

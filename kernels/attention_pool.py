@@ -14,20 +14,22 @@ stored between the passes.
 from typing import Any, Optional
 
 import torch
-import triton
-import triton.language as tl
 from torch.library import triton_op
 
 from . import _attention_common as common
-from ._utils import dtype_name, launchable
+from ._triton import tl, triton
+from ._utils import dtype_name, fixed_grid, launch
 from .registry import BENCH_B, BENCH_D, KernelSpec, register_kernel
 
 __all__ = ["attention_pool", "attention_pool_ref"]
 
-#: Elements per ``[BLOCK_L, BLOCK_D]`` tile (forward: 4 warps → 32 per thread).
-TILE_FWD = 4096
+#: Autotune candidates of the forward: ``(elements per [BLOCK_L, BLOCK_D] tile, warps, stages)``,
+#: the first the default (4 warps → 32 elements per thread).
+TILES_FWD = ((4096, 4, 1), (4096, 4, 2), (8192, 8, 2))
 #: Backward tiles hold feats and the dfeats being written (8 warps → 32 + 32 per thread).
-TILE_BWD = 8192
+TILES_BWD = ((8192, 8, 1), (8192, 8, 2), (4096, 4, 2))
+#: Resident programs per SM (benchmarks/KERNELS.md: 4-9 for both kernels): sets the split target.
+RESIDENT_PER_SM = 4
 #: Widest D slice one forward program owns.
 MAX_BLOCK_D_FWD = 128
 #: Scores are read in chunks of at most this many (softmax statistics, δ).
@@ -125,7 +127,7 @@ def _attention_pool_fwd_kernel(
 def _attention_pool_bwd_kernel(
     feats, prior, weights32, context32, dcontext, dweights,
     dfeats, dscores, dprior,
-    L, BLOCKS_PER_SPLIT,
+    L, ROWS_PER_SPLIT,
     D: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_GW: tl.constexpr,
     NEED_DFEATS: tl.constexpr, NEED_DPRIOR: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_LS: tl.constexpr,
@@ -148,8 +150,8 @@ def _attention_pool_bwd_kernel(
     )
     feats_row = feats + row * L * D
     dfeats_row = dfeats + row * L * D
-    l_begin = split * BLOCKS_PER_SPLIT * BLOCK_L
-    l_end = tl.minimum(l_begin + BLOCKS_PER_SPLIT * BLOCK_L, L)
+    l_begin = split * ROWS_PER_SPLIT
+    l_end = tl.minimum(l_begin + ROWS_PER_SPLIT, L)
     for l0 in range(l_begin, l_end, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         mask_l = offs_l < L
@@ -180,35 +182,39 @@ def _attention_pool_bwd_kernel(
 
 
 def _launch_config(B: int, L: int, D: int, dtype: str) -> dict[str, common.KernelLaunch]:
-    """Grid, block sizes and warps of both kernels for a ``[B, L, D]`` problem.
+    """Grid, block sizes and autotune candidates of both kernels for a ``[B, L, D]`` problem.
 
     Forward: programs own a D slice of one row (no cross-program reduction); the slice narrows
-    until B·D-blocks reaches ``TARGET_PROGRAMS`` (but stays ≥ 32 wide, i.e. 64-byte rows).
-    Backward: programs own a run of L-blocks of one row with the full D in the tile.
+    until B·D-blocks reaches ``target_programs`` (but stays ≥ 32 wide, i.e. 64-byte rows); the
+    rows per tile (BLOCK_L), warps and stages are tuned.
+    Backward: programs own a run of ``ROWS_PER_SPLIT`` regions of one row with the full D in the
+    tile; the split is fixed by the host, BLOCK_L, warps and stages are tuned.
     ``dtype`` does not change the shapes (fp32 tiles just take two 16-byte loads per 8 values).
     """
     if dtype not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"dtype must be one of fp32/bf16/fp16, got {dtype!r}")
+    target = common.target_programs(RESIDENT_PER_SM)
     block_ls = min(common.pow2(L), MAX_BLOCK_LS)
 
     block_d = min(common.pow2(D), MAX_BLOCK_D_FWD)
-    while block_d > 32 and B * triton.cdiv(D, block_d) < common.TARGET_PROGRAMS:
+    while block_d > 32 and B * triton.cdiv(D, block_d) < target:
         block_d //= 2
-    block_l = common.rows_per_tile(TILE_FWD, block_d, L)
     fwd = common.KernelLaunch(
-        grid=(B, triton.cdiv(D, block_d)),
-        constexprs=dict(BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_LS=block_ls),
-        num_warps=4,
+        grid=fixed_grid(B, triton.cdiv(D, block_d)),
+        constexprs=dict(BLOCK_D=block_d, BLOCK_LS=block_ls),
+        configs=common.block_l_configs(block_d, L, TILES_FWD),
+        key=("L", "D"),
     )
 
     block_d_bwd = common.pow2(D)
-    block_l_bwd = common.rows_per_tile(TILE_BWD, block_d_bwd, L)
-    n_split, blocks_per_split = common.split_rows(B, L, block_l_bwd, common.TARGET_PROGRAMS)
+    configs_bwd = common.block_l_configs(block_d_bwd, L, TILES_BWD)
+    n_split, rows_per_split = common.split_rows(B, L, common.max_block_l(configs_bwd), target)
     bwd = common.KernelLaunch(
-        grid=(B, n_split),
-        constexprs=dict(BLOCK_L=block_l_bwd, BLOCK_D=block_d_bwd, BLOCK_LS=block_ls),
-        num_warps=8 if block_l_bwd * block_d_bwd >= 4096 else 4,
-        ints=dict(BLOCKS_PER_SPLIT=blocks_per_split),
+        grid=fixed_grid(B, n_split),
+        constexprs=dict(BLOCK_D=block_d_bwd, BLOCK_LS=block_ls),
+        configs=configs_bwd,
+        key=("L", "D", "ROWS_PER_SPLIT"),
+        ints=dict(ROWS_PER_SPLIT=rows_per_split),
     )
     return {"fwd": fwd, "bwd": bwd}
 
@@ -220,7 +226,7 @@ _FWD_KINDS = dict(
 _BWD_KINDS = dict(
     feats="io", prior="io", weights32="f32", context32="f32",
     dcontext="io", dweights="io", dfeats="io", dscores="io", dprior="io",
-    L="i32", BLOCKS_PER_SPLIT="i32",
+    L="i32", ROWS_PER_SPLIT="i32",
 )
 
 
@@ -283,12 +289,12 @@ def _attention_pool_op(
     context32 = feats.new_empty((B, D), dtype=torch.float32)
     weights32 = feats.new_empty((B, L), dtype=torch.float32)
     if B > 0:
-        launch = _launch_config(B, L, D, dtype_name(feats))["fwd"]
-        launchable(_attention_pool_fwd_kernel)[launch.grid](
+        launch(
+            _attention_pool_fwd_kernel, _launch_config(B, L, D, dtype_name(feats))["fwd"],
             feats, scores, prior if prior is not None else common.placeholder(feats),
             context, weights, context32, weights32,
             L,
-            D=D, HAS_PRIOR=prior is not None, **launch.kwargs(),
+            D=D, HAS_PRIOR=prior is not None,
         )
     return context, weights, context32, weights32
 
@@ -317,14 +323,15 @@ def _attention_pool_backward_op(
     dscores = torch.empty((B, L), dtype=dscores_dtype, device=feats.device)
     dprior = torch.empty_like(prior) if need_dprior else common.placeholder(feats)
     if B > 0:
-        launch = _launch_config(B, L, D, dtype_name(feats))["bwd"]
-        launchable(_attention_pool_bwd_kernel)[launch.grid](
+        bwd = _launch_config(B, L, D, dtype_name(feats))["bwd"]
+        launch(
+            _attention_pool_bwd_kernel, bwd,
             feats, prior if prior is not None else common.placeholder(feats), weights32, context32,
             dcontext, dweights if dweights is not None else common.placeholder(feats),
             dfeats, dscores, dprior,
-            L, launch.ints["BLOCKS_PER_SPLIT"],
+            L, bwd.ints["ROWS_PER_SPLIT"],
             D=D, HAS_PRIOR=prior is not None, HAS_GW=dweights is not None,
-            NEED_DFEATS=need_dfeats, NEED_DPRIOR=need_dprior, **launch.kwargs(),
+            NEED_DFEATS=need_dfeats, NEED_DPRIOR=need_dprior,
         )
     return dfeats, dscores, dprior
 

@@ -12,8 +12,9 @@ recurrence, so callers compute it with one big GEMM (for all steps at once if th
 only does the part that must run step by step. With ``w_hh = weight_hh`` and ``bias = bias_hh`` the
 result equals ``torch.nn.LSTMCell``.
 
-Kernels (Liger-Kernel style: host ``*_forward``/``*_backward`` functions around ``@triton.jit``
-kernels, plus the autograd glue):
+Laid out like the attention ops: reference, kernels, launch configuration (one
+``KernelLaunch`` per kernel, autotuned), registry, host functions with the custom ops, and the
+public entry point with the shared dispatch rule (``_utils.fast_path``).
 
 * ``_lstm_cell_fwd_kernel``: each program owns a BLOCK_B x BLOCK_H tile of *all four* gates, so
   the four gate pre-activations of one (row, unit) pair meet in registers: four fp32 accumulators
@@ -34,16 +35,77 @@ with ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces through 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import triton
-import triton.language as tl
 from torch.library import triton_op
 
-from ._utils import TRITON_DTYPES, dtype_name, launchable, use_triton
+from ._triton import tl, triton
+from ._utils import KernelLaunch, config, config_label, dtype_name, fast_path, fixed_grid, launch
 from .registry import BENCH_B, BENCH_H, CompileConfig, KernelSpec, register_kernel
+
+__all__ = ["lstm_cell", "lstm_cell_ref", "lstm_cell_forward", "lstm_cell_backward_gates"]
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_inputs(gates_x, h, c, w_hh, bias) -> None:
+    named = {"gates_x": gates_x, "h": h, "c": c, "w_hh": w_hh, "bias": bias}
+    for name, t in named.items():
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"lstm_cell: {name} must be a torch.Tensor, got {type(t).__name__}")
+        want_dim = 1 if name == "bias" else 2
+        if t.dim() != want_dim:
+            raise ValueError(f"lstm_cell: {name} must be {want_dim}-D, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"lstm_cell: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != h.dtype:
+            raise ValueError(f"lstm_cell: {name} has dtype {t.dtype}, h has {h.dtype}; all inputs must match")
+        if t.device != h.device:
+            raise ValueError(f"lstm_cell: {name} is on {t.device}, h on {h.device}; all inputs must match")
+    B, H = h.shape
+    if H == 0:
+        raise ValueError("lstm_cell: h must have a non-empty hidden dimension, got shape (B, 0)")
+    expected = {"gates_x": (B, 4 * H), "c": (B, H), "w_hh": (4 * H, H), "bias": (4 * H,)}
+    for name, shape in expected.items():
+        t = named[name]
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(
+                f"lstm_cell: {name} must have shape {shape} for h of shape {(B, H)}, got {tuple(t.shape)}"
+            )
+
+
+def lstm_cell_ref(
+    gates_x: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    w_hh: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch LSTM step (same contract as ``lstm_cell``).
+
+    ``upcast=True`` computes in (at least) fp32 and casts the results back, which is what the
+    Triton kernels do; ``upcast=False`` computes in the input dtype, i.e. PyTorch's own
+    low-precision path (the yardstick for the bf16/fp16 accuracy tests).
+    """
+    out_dtype = gates_x.dtype
+    if upcast:
+        dt = torch.promote_types(out_dtype, torch.float32)
+        gates_x, h, c, w_hh = gates_x.to(dt), h.to(dt), c.to(dt), w_hh.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    gates = gates_x + h @ w_hh.t()
+    if bias is not None:
+        gates = gates + bias
+    i, f, g, o = gates.chunk(4, dim=1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    return h_new.to(out_dtype), c_new.to(out_dtype)
+
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -232,84 +294,161 @@ _TARGET_PROGRAMS = 128
 _BWD_TARGET_PROGRAMS = 512
 #: Backward: the most rows one program walks.
 _BWD_MAX_ROWS_PER_PROGRAM = 256
+#: Backward rows per tile (the unit of the row walk).
+_BWD_BLOCK_B = 16
 #: Bytes per thread and gate in the backward: one 16-byte vector (8 bf16/fp16 or 4 fp32 values).
 _BWD_VECTOR_BYTES = 16
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Tile sizes and launch parameters for one (B, H, dtype)."""
-
-    fwd_block_b: int
-    fwd_block_h: int
-    fwd_block_k: int
-    fwd_num_warps: int
-    fwd_num_stages: int
-    bwd_block_b: int
-    bwd_block_h: int
-    bwd_rows_per_program: int
-    bwd_num_warps: int
-
-    def fwd_grid(self, B: int, H: int) -> tuple[int, int]:
-        return (triton.cdiv(B, self.fwd_block_b), triton.cdiv(H, self.fwd_block_h))
-
-    def bwd_grid(self, B: int, H: int) -> tuple[int, int]:
-        """(row blocks, unit blocks); the bias partial-sum buffer has one row per row block."""
-        return (triton.cdiv(B, self.bwd_rows_per_program), triton.cdiv(H, self.bwd_block_h))
+#: Forward autotune candidates ``(BLOCK_K, warps, stages)``, the first the default.
+#: fp32 runs ``tl.dot`` on FMA units with its operands in registers: narrow K, two stages.
+#: bf16/fp16 use tensor cores: 128-byte K rows, three or four stages of cp.async.
+FWD_CONFIGS = {
+    "fp32": ((16, 4, 2), (32, 4, 2), (16, 4, 3)),
+    "half": ((64, 4, 3), (32, 4, 4), (64, 4, 4)),
+}
+#: Backward autotune candidates: BLOCK_H; warps follow (one 16-byte vector per thread and gate).
+BWD_BLOCK_H = (16, 32, 64)
 
 
 @lru_cache(maxsize=256)
-def _launch_config(B: int, H: int, dtype: str) -> LaunchConfig:
-    """Tiles for batch ``B``, hidden size ``H`` and Triton dtype name ``dtype`` ("fp32", ...).
+def _launch_config(B: int, H: int, dtype: str) -> dict[str, KernelLaunch]:
+    """Launch of both kernels for batch ``B``, hidden size ``H`` and Triton dtype name ``dtype``.
 
     Forward, 16-bit types (tensor cores): BLOCK_B = 64 when the batch allows (a Hopper warpgroup
     MMA is 64 rows; smaller batches pad to 16, the smallest ``tl.dot`` tile). The four fp32
     accumulators of 64 x BLOCK_H cost 2 * BLOCK_H registers per thread with 4 warps. BLOCK_H = 32
     unless that leaves fewer than ``_TARGET_PROGRAMS`` programs, else 16 (at B=256, H=512: 4 x 32
-    = 128 programs). BLOCK_K = 64 (128-byte rows of h and w_hh).
+    = 128 programs). BLOCK_K (tuned, default 64: 128-byte rows of h and w_hh), warps and stages
+    are autotuned; the grid is fixed by BLOCK_B x BLOCK_H.
     Forward, fp32: ``tl.dot`` runs on FMA units with its operands in registers, so registers grow
-    with the tile: BLOCK_B = 32 (at most), BLOCK_H = BLOCK_K = 16 compile to about 96 registers
-    (64-row tiles: ~168, 3 blocks/SM) and give 8 x 32 = 256 programs at B=256, H=512.
+    with the tile: BLOCK_B = 32 (at most), BLOCK_H = 16, BLOCK_K = 16 by default compile to about
+    96 registers (64-row tiles: ~168, 3 blocks/SM) and give 8 x 32 = 256 programs at B=256, H=512.
 
-    Backward (elementwise, bound by memory latency): [16, 16] tiles, i.e. 16 rows x 16 units x 4
-    gates, with exactly as many warps as give every thread one 16-byte vector per gate (1 warp for
-    bf16/fp16, 2 for fp32). Small tiles make many programs (B=256, H=512: 16 x 32 = 512, about
-    four per SM on 132 SMs) and few registers, so every SM gets work and many warps fit. A program
-    walks ``bwd_rows_per_program`` rows (a power-of-two multiple of 16, at most
-    ``_BWD_MAX_ROWS_PER_PROGRAM``), more than one tile only while the grid keeps at least
-    ``_BWD_TARGET_PROGRAMS`` programs.
+    Backward (elementwise, bound by memory latency): [16, BLOCK_H] tiles of the four gates, with
+    exactly as many warps as give every thread one 16-byte vector per gate; BLOCK_H is tuned
+    (16, 32, 64), the grid follows it. A program walks ``ROWS_PER_PROGRAM`` rows (a power-of-two
+    multiple of 16, at most ``_BWD_MAX_ROWS_PER_PROGRAM``; fixed by the host because the bias
+    partial-sum buffer has one row per row block), more than one tile only while the grid (at
+    BLOCK_H = 16) keeps at least ``_BWD_TARGET_PROGRAMS`` programs.
     """
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"dtype must be one of fp32/bf16/fp16, got {dtype!r}")
     if dtype == "fp32":
         block_b = 32 if B >= 32 else max(16, triton.next_power_of_2(B))
-        block_h, block_k = 16, 16
+        block_h = 16
     else:
         block_b = 64 if B >= 64 else max(16, triton.next_power_of_2(B))
         block_h = 32 if triton.cdiv(B, block_b) * triton.cdiv(H, 32) >= _TARGET_PROGRAMS else 16
-        block_k = 64
-    block_k = min(block_k, max(16, triton.next_power_of_2(H)))
+    k_cap = max(16, triton.next_power_of_2(H))
+    fwd_configs, seen = [], set()
+    for block_k, warps, stages in FWD_CONFIGS["fp32" if dtype == "fp32" else "half"]:
+        key = (min(block_k, k_cap), warps, stages)
+        if key not in seen:
+            seen.add(key)
+            fwd_configs.append(config(warps, stages, BLOCK_K=key[0]))
+    fwd = KernelLaunch(
+        grid=fixed_grid(triton.cdiv(B, block_b), triton.cdiv(H, block_h)),
+        constexprs=dict(BLOCK_B=block_b, BLOCK_H=block_h),
+        configs=tuple(fwd_configs),
+        key=("B", "H"),
+    )
 
-    bwd_block_b, bwd_block_h = 16, 16
     elem_bytes = 4 if dtype == "fp32" else 2
-    bwd_num_warps = max(1, bwd_block_b * bwd_block_h * elem_bytes // (32 * _BWD_VECTOR_BYTES))
-    n_h = triton.cdiv(H, bwd_block_h)
-    rows = bwd_block_b
+    n_h = triton.cdiv(H, BWD_BLOCK_H[0])
+    rows = _BWD_BLOCK_B
     while rows * 2 <= _BWD_MAX_ROWS_PER_PROGRAM and triton.cdiv(B, rows * 2) * n_h >= _BWD_TARGET_PROGRAMS:
         rows *= 2
-    return LaunchConfig(
-        fwd_block_b=block_b,
-        fwd_block_h=block_h,
-        fwd_block_k=block_k,
-        fwd_num_warps=4,
-        fwd_num_stages=3 if dtype != "fp32" else 2,
-        bwd_block_b=bwd_block_b,
-        bwd_block_h=bwd_block_h,
-        bwd_rows_per_program=rows,
-        bwd_num_warps=bwd_num_warps,
+    n_row_blocks = triton.cdiv(B, rows)
+    bwd_configs = []
+    for bh in BWD_BLOCK_H:
+        if bh > max(BWD_BLOCK_H[0], triton.next_power_of_2(H)):
+            continue
+        warps = max(1, _BWD_BLOCK_B * bh * elem_bytes // (32 * _BWD_VECTOR_BYTES))
+        bwd_configs.append(config(warps, 1, BLOCK_H=bh))
+    bwd = KernelLaunch(
+        grid=lambda meta: (n_row_blocks, triton.cdiv(H, meta["BLOCK_H"])),
+        constexprs=dict(BLOCK_B=_BWD_BLOCK_B, ROWS_PER_PROGRAM=rows),
+        configs=tuple(bwd_configs),
+        key=("B", "H"),
+        ints=dict(N_ROW_BLOCKS=n_row_blocks),
     )
+    return {"fwd": fwd, "bwd": bwd}
 
 
 # ---------------------------------------------------------------------------------------------
-# Host forward / backward
+# Registry: every autotune candidate the launchers above offer at the benchmark size
+# ---------------------------------------------------------------------------------------------
+
+_FWD_PTRS = ("gx_ptr", "h_ptr", "c_ptr", "w_ptr", "b_ptr", "h_new_ptr", "c_new_ptr", "gates_ptr")
+_FWD_INTS = ("B", "H", "stride_gx", "stride_h", "stride_c")
+_BWD_PTRS = ("dh_ptr", "dc_ptr", "c_ptr", "gates_ptr", "dgates_ptr", "dc_prev_ptr")
+_BWD_INTS = ("B", "H", "stride_dh", "stride_dc", "stride_c")
+
+
+def _bench_configs(which: str, dtype: str) -> list[CompileConfig]:
+    launch = _launch_config(BENCH_B, BENCH_H, dtype)[which]
+    ptr = f"*{dtype}"
+    if which == "fwd":
+        signature = {**{n: ptr for n in _FWD_PTRS}, **{n: "i32" for n in _FWD_INTS}}
+        flags, what = {"HAS_BIAS": True}, "bias"
+    else:
+        signature = {
+            **{n: ptr for n in _BWD_PTRS},
+            # the launcher's bias-partials buffer: input dtype for one row block, fp32 otherwise
+            "dbias_ptr": ptr if launch.ints["N_ROW_BLOCKS"] == 1 else "*fp32",
+            **{n: "i32" for n in _BWD_INTS},
+        }
+        flags, what = {"HAS_DH": True, "HAS_DC": True, "HAS_BIAS": True}, "bias, both grads"
+    out = []
+    for cfg in launch.configs:
+        meta = launch.meta(cfg)
+        out.append(
+            CompileConfig(
+                label=f"{which} B={BENCH_B} H={BENCH_H} {what} grid={launch.grid(meta)} {config_label(cfg)}",
+                signature=signature,
+                constexprs={**flags, **meta},
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
+        )
+    return out
+
+
+def _bench_scalars(config: CompileConfig) -> dict[str, int]:
+    """Integer arguments the launchers pass at the benchmark size (contiguous inputs and output
+    grads), so the report specialises them (divisibility by 16) as Triton's JIT would."""
+    B, H = BENCH_B, BENCH_H
+    values = {"B": B, "H": H, "stride_gx": 4 * H, "stride_h": H, "stride_c": H, "stride_dh": H, "stride_dc": H}
+    return {k: v for k, v in values.items() if k in config.signature}
+
+
+register_kernel(
+    KernelSpec(
+        name="lstm_cell_fwd",
+        fn=_lstm_cell_fwd_kernel,
+        dtypes=("fp32", "bf16", "fp16"),
+        configs=lambda dtype: _bench_configs("fwd", dtype),
+        streamed=("gx_ptr", "c_ptr", "h_new_ptr", "c_new_ptr", "gates_ptr"),
+        uses_dot=True,
+        notes="h @ w_hh.T (4 gate accumulators, fp32) fused with the LSTM gate epilogue",
+        extra={"scalars": _bench_scalars},
+    )
+)
+register_kernel(
+    KernelSpec(
+        name="lstm_cell_bwd",
+        fn=_lstm_cell_bwd_kernel,
+        dtypes=("fp32", "bf16", "fp16"),
+        configs=lambda dtype: _bench_configs("bwd", dtype),
+        streamed=("dh_ptr", "dc_ptr", "c_ptr", "gates_ptr", "dgates_ptr", "dc_prev_ptr"),
+        uses_dot=False,
+        notes="elementwise LSTM gate backward + bias-gradient column sums",
+        extra={"scalars": _bench_scalars},
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host functions and the custom ops
 # ---------------------------------------------------------------------------------------------
 
 
@@ -334,13 +473,15 @@ def lstm_cell_forward(
     c = _rows_unit_stride(c)
     w_hh = w_hh.contiguous()
     B, H = h.shape
-    # int(): under torch.compile with dynamic shapes B may be symbolic; tiles are picked per size.
-    cfg = _launch_config(int(B), int(H), dtype_name(h))
+    # int(): sizes are specialised (see _utils: the engine keeps B static).
+    fwd = _launch_config(int(B), int(H), dtype_name(h))["fwd"]
     h_new = torch.empty((B, H), dtype=h.dtype, device=h.device)
     c_new = torch.empty((B, H), dtype=h.dtype, device=h.device)
     gates = torch.empty((B, 4 * H), dtype=h.dtype, device=h.device)
     has_bias = bias is not None
-    launchable(_lstm_cell_fwd_kernel)[cfg.fwd_grid(B, H)](
+    launch(
+        _lstm_cell_fwd_kernel,
+        fwd,
         gates_x,
         h,
         c,
@@ -355,11 +496,6 @@ def lstm_cell_forward(
         h.stride(0),
         c.stride(0),
         HAS_BIAS=has_bias,
-        BLOCK_B=cfg.fwd_block_b,
-        BLOCK_H=cfg.fwd_block_h,
-        BLOCK_K=cfg.fwd_block_k,
-        num_warps=cfg.fwd_num_warps,
-        num_stages=cfg.fwd_num_stages,
     )
     return h_new, c_new, gates
 
@@ -380,8 +516,8 @@ def lstm_cell_backward_gates(
     grads (either may be None: that output was not used). ``d_bias`` is empty without bias."""
     c = _rows_unit_stride(c)
     B, H = c.shape
-    cfg = _launch_config(int(B), int(H), dtype_name(c))
-    grid = cfg.bwd_grid(B, H)
+    bwd = _launch_config(int(B), int(H), dtype_name(c))["bwd"]
+    n_row_blocks = bwd.ints["N_ROW_BLOCKS"]
     has_dh = grad_h_new is not None
     has_dc = grad_c_new is not None
     # Expanded grads (e.g. from ``out.sum().backward()``) have stride 0 along the last dim too;
@@ -390,16 +526,18 @@ def lstm_cell_backward_gates(
     dc = _rows_unit_stride(grad_c_new) if has_dc else c
     d_gates = torch.empty((B, 4 * H), dtype=c.dtype, device=c.device)
     d_c = torch.empty((B, H), dtype=c.dtype, device=c.device)
-    if has_bias and grid[0] == 1:
+    if has_bias and n_row_blocks == 1:
         # One row block: the kernel's column sums are the bias gradient itself.
         d_bias_parts = torch.empty((4 * H,), dtype=c.dtype, device=c.device)
     elif has_bias:
         # Several row blocks: fp32 partial sums (one row per row block), reduced below with
         # torch.sum -- a fixed order, so the bias gradient is reproducible (no atomics).
-        d_bias_parts = torch.empty((grid[0], 4 * H), dtype=torch.float32, device=c.device)
+        d_bias_parts = torch.empty((n_row_blocks, 4 * H), dtype=torch.float32, device=c.device)
     else:
         d_bias_parts = torch.empty((0,), dtype=c.dtype, device=c.device)
-    launchable(_lstm_cell_bwd_kernel)[grid](
+    launch(
+        _lstm_cell_bwd_kernel,
+        bwd,
         dh,
         dc,
         c,
@@ -416,10 +554,6 @@ def lstm_cell_backward_gates(
         HAS_DH=has_dh,
         HAS_DC=has_dc,
         HAS_BIAS=has_bias,
-        ROWS_PER_PROGRAM=cfg.bwd_rows_per_program,
-        BLOCK_B=cfg.bwd_block_b,
-        BLOCK_H=cfg.bwd_block_h,
-        num_warps=cfg.bwd_num_warps,
     )
     d_bias = d_bias_parts.sum(0).to(c.dtype) if d_bias_parts.dim() == 2 else d_bias_parts
     return d_gates, d_c, d_bias
@@ -455,64 +589,8 @@ lstm_cell_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference and public entry point
+# Public entry point
 # ---------------------------------------------------------------------------------------------
-
-
-def lstm_cell_ref(
-    gates_x: torch.Tensor,
-    h: torch.Tensor,
-    c: torch.Tensor,
-    w_hh: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    upcast: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch LSTM step (same contract as ``lstm_cell``).
-
-    ``upcast=True`` computes in (at least) fp32 and casts the results back, which is what the
-    Triton kernels do; ``upcast=False`` computes in the input dtype, i.e. PyTorch's own
-    low-precision path (the yardstick for the bf16/fp16 accuracy tests).
-    """
-    out_dtype = gates_x.dtype
-    if upcast:
-        dt = torch.promote_types(out_dtype, torch.float32)
-        gates_x, h, c, w_hh = gates_x.to(dt), h.to(dt), c.to(dt), w_hh.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    gates = gates_x + h @ w_hh.t()
-    if bias is not None:
-        gates = gates + bias
-    i, f, g, o = gates.chunk(4, dim=1)
-    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h_new = torch.sigmoid(o) * torch.tanh(c_new)
-    return h_new.to(out_dtype), c_new.to(out_dtype)
-
-
-def _check_inputs(gates_x, h, c, w_hh, bias) -> None:
-    named = {"gates_x": gates_x, "h": h, "c": c, "w_hh": w_hh, "bias": bias}
-    for name, t in named.items():
-        if t is None and name == "bias":
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"lstm_cell: {name} must be a torch.Tensor, got {type(t).__name__}")
-        want_dim = 1 if name == "bias" else 2
-        if t.dim() != want_dim:
-            raise ValueError(f"lstm_cell: {name} must be {want_dim}-D, got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"lstm_cell: {name} must be a floating-point tensor, got {t.dtype}")
-        if t.dtype != h.dtype:
-            raise ValueError(f"lstm_cell: {name} has dtype {t.dtype}, h has {h.dtype}; all inputs must match")
-        if t.device != h.device:
-            raise ValueError(f"lstm_cell: {name} is on {t.device}, h on {h.device}; all inputs must match")
-    B, H = h.shape
-    if H == 0:
-        raise ValueError("lstm_cell: h must have a non-empty hidden dimension, got shape (B, 0)")
-    expected = {"gates_x": (B, 4 * H), "c": (B, H), "w_hh": (4 * H, H), "bias": (4 * H,)}
-    for name, shape in expected.items():
-        t = named[name]
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(
-                f"lstm_cell: {name} must have shape {shape} for h of shape {(B, H)}, got {tuple(t.shape)}"
-            )
 
 
 def lstm_cell(
@@ -537,106 +615,7 @@ def lstm_cell(
     if not isinstance(h, torch.Tensor):
         raise ValueError(f"lstm_cell: h must be a torch.Tensor, got {type(h).__name__}")
     _check_inputs(gates_x, h, c, w_hh, bias)
-    if h.dtype in TRITON_DTYPES and h.shape[0] > 0 and use_triton(gates_x, h, c, w_hh, bias):
+    if fast_path(gates_x, h, c, w_hh, bias):
         h_new, c_new, _ = torch.ops.c2f_fast.lstm_cell_fwd(gates_x, h, c, w_hh, bias)
         return h_new, c_new
     return lstm_cell_ref(gates_x, h, c, w_hh, bias, upcast=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry: the configurations the launchers above pick at the benchmark size
-# ---------------------------------------------------------------------------------------------
-
-
-def _fwd_configs(dtype: str) -> list[CompileConfig]:
-    cfg = _launch_config(BENCH_B, BENCH_H, dtype)
-    ptr = f"*{dtype}"
-    signature = {
-        **{name: ptr for name in ("gx_ptr", "h_ptr", "c_ptr", "w_ptr", "b_ptr", "h_new_ptr", "c_new_ptr", "gates_ptr")},
-        **{name: "i32" for name in ("B", "H", "stride_gx", "stride_h", "stride_c")},
-    }
-    constexprs = {
-        "HAS_BIAS": True,
-        "BLOCK_B": cfg.fwd_block_b,
-        "BLOCK_H": cfg.fwd_block_h,
-        "BLOCK_K": cfg.fwd_block_k,
-    }
-    return [
-        CompileConfig(
-            label=f"B={BENCH_B} H={BENCH_H} bias",
-            signature=signature,
-            constexprs=constexprs,
-            num_warps=cfg.fwd_num_warps,
-            num_stages=cfg.fwd_num_stages,
-        )
-    ]
-
-
-def _bwd_configs(dtype: str) -> list[CompileConfig]:
-    cfg = _launch_config(BENCH_B, BENCH_H, dtype)
-    ptr = f"*{dtype}"
-    n_row_blocks = cfg.bwd_grid(BENCH_B, BENCH_H)[0]
-    signature = {
-        **{name: ptr for name in ("dh_ptr", "dc_ptr", "c_ptr", "gates_ptr", "dgates_ptr", "dc_prev_ptr")},
-        # the launcher's bias-partials buffer: input dtype for one row block, fp32 otherwise
-        "dbias_ptr": ptr if n_row_blocks == 1 else "*fp32",
-        **{name: "i32" for name in ("B", "H", "stride_dh", "stride_dc", "stride_c")},
-    }
-    constexprs = {
-        "HAS_DH": True,
-        "HAS_DC": True,
-        "HAS_BIAS": True,
-        "ROWS_PER_PROGRAM": cfg.bwd_rows_per_program,
-        "BLOCK_B": cfg.bwd_block_b,
-        "BLOCK_H": cfg.bwd_block_h,
-    }
-    return [
-        CompileConfig(
-            label=f"B={BENCH_B} H={BENCH_H} bias, both grads",
-            signature=signature,
-            constexprs=constexprs,
-            num_warps=cfg.bwd_num_warps,
-            num_stages=3,
-        )
-    ]
-
-
-def _fwd_scalars(config: CompileConfig) -> dict[str, int]:
-    """Integer arguments the forward launcher passes at the benchmark size (contiguous inputs),
-    so the report specialises them (divisibility by 16) as Triton's JIT would."""
-    B, H = BENCH_B, BENCH_H
-    return {"B": B, "H": H, "stride_gx": 4 * H, "stride_h": H, "stride_c": H}
-
-
-def _bwd_scalars(config: CompileConfig) -> dict[str, int]:
-    """As ``_fwd_scalars`` for the backward launcher (contiguous output grads)."""
-    B, H = BENCH_B, BENCH_H
-    return {"B": B, "H": H, "stride_dh": H, "stride_dc": H, "stride_c": H}
-
-
-register_kernel(
-    KernelSpec(
-        name="lstm_cell_fwd",
-        fn=_lstm_cell_fwd_kernel,
-        dtypes=("fp32", "bf16", "fp16"),
-        configs=_fwd_configs,
-        streamed=("gx_ptr", "c_ptr", "h_new_ptr", "c_new_ptr", "gates_ptr"),
-        uses_dot=True,
-        notes="h @ w_hh.T (4 gate accumulators, fp32) fused with the LSTM gate epilogue",
-        extra={"scalars": _fwd_scalars},
-    )
-)
-register_kernel(
-    KernelSpec(
-        name="lstm_cell_bwd",
-        fn=_lstm_cell_bwd_kernel,
-        dtypes=("fp32", "bf16", "fp16"),
-        configs=_bwd_configs,
-        streamed=("dh_ptr", "dc_ptr", "c_ptr", "gates_ptr", "dgates_ptr", "dc_prev_ptr"),
-        uses_dot=False,
-        notes="elementwise LSTM gate backward + bias-gradient column sums",
-        extra={"scalars": _bwd_scalars},
-    )
-)
-
-__all__ = ["lstm_cell", "lstm_cell_ref", "lstm_cell_forward", "lstm_cell_backward_gates", "LaunchConfig"]

@@ -1,7 +1,7 @@
 """One registry of every Triton kernel in the package.
 
 Each kernel module registers its ``@triton.jit`` functions here with the launch configurations its
-host code picks, so that ``python -m kernels.report`` (and its CI tests) compile every kernel for a
+host code picks, so that ``python -m benchmarks.kernel_report`` (and its CI tests) compile every kernel for a
 GPU target without a GPU, and a new kernel cannot be forgotten.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 
 #: The benchmark sizes at which every kernel's ``configs(dtype)`` reports the launch
-#: configurations its host code picks (VGG-16 at 224 and 448 px: L = 196, 784).
+#: configurations (every autotune candidate) its host code offers (VGG-16 at 224 and 448 px: L = 196, 784).
 BENCH_B = 256
 BENCH_LS = (196, 784)
 BENCH_D = 512
@@ -40,9 +40,10 @@ class CompileConfig:
 class KernelSpec:
     """A registered kernel.
 
-    ``configs(dtype)`` returns the configurations the host launcher would pick at the benchmark
-    sizes (B=256, L=196 and 784, D=A=H=512) for ``dtype`` in {"fp32", "bf16", "fp16"}; it must be
-    computed by the same function the launcher uses, not written out by hand.
+    ``configs(dtype)`` returns every configuration the host launcher may run at the benchmark
+    sizes (B=256, L=196 and 784, D=A=H=512) for ``dtype`` in {"fp32", "bf16", "fp16"}: one per
+    autotune candidate, so the report checks whichever one autotuning picks. It must be computed
+    by the same function the launcher uses, not written out by hand.
     ``streamed`` names the pointer arguments that are bandwidth-critical streams (they must be
     read with 16-byte loads in bf16/fp16). ``uses_dot`` says the kernel calls ``tl.dot``.
     """

@@ -1,6 +1,6 @@
 """Probe kernels for tests/test_kernel_report.py: small Triton kernels with known SASS properties.
 
-Imported only by ``python -m kernels.report --module tests/kernel_report_probes.py`` (in a process
+Imported only by ``python -m benchmarks.kernel_report --module tests/kernel_report_probes.py`` (in a process
 without ``TRITON_INTERPRET``), never by the test process itself, so the probes never enter the
 registry the real tests see. Each probe states what the report must find in it:
 

@@ -1,8 +1,10 @@
 """Tests of the two attention ops (kernels/attention_pool.py, kernels/additive_attention.py).
 
-Without a GPU, conftest switches on ``TRITON_INTERPRET=1``, so the Triton kernels themselves run on
-CPU in fp32 and are compared with the plain-PyTorch references. With a GPU the same comparisons run
-on CUDA, plus the bf16/fp16 accuracy rule, benchmark-sized shapes and ``torch.compile``.
+The fp32 comparisons run on ``DEVICE`` (conftest): without a GPU, conftest switches on
+``TRITON_INTERPRET=1``, so the Triton kernels themselves run on CPU and are compared with the
+plain-PyTorch references; with a GPU the same comparisons run the compiled kernels on CUDA, plus
+the bf16/fp16 accuracy rule, benchmark-sized shapes and ``torch.compile``.
+``test_fast_path_really_runs_kernels`` checks on both that the public functions do not fall back.
 """
 
 import importlib
@@ -12,9 +14,10 @@ import pytest
 import torch
 import triton.language as tl
 
-from conftest import requires_cuda
+import kernels
+from conftest import DEVICE, assert_low_precision, requires_cuda
 from kernels import _attention_common as common
-from kernels._utils import interpret_mode
+from kernels._utils import config_label, interpret_mode
 from kernels.additive_attention import additive_attention, additive_attention_ref
 from kernels.attention_pool import attention_pool, attention_pool_ref
 from kernels.registry import KERNELS
@@ -24,14 +27,13 @@ from kernels.registry import KERNELS
 ap_mod = importlib.import_module("kernels.attention_pool")
 aa_mod = importlib.import_module("kernels.additive_attention")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: op name -> (fast op, reference)
 OPS = {
     "pool": (attention_pool, attention_pool_ref),
     "additive": (additive_attention, additive_attention_ref),
 }
 # On CPU the fast path exists only in the interpreter (fp32); the reference runs otherwise.
-KERNELS_RUN = torch.cuda.is_available() or interpret_mode()
+KERNELS_RUN = kernels.available()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,14 +93,17 @@ def _compare_with_ref(op, inputs, tol=1e-5):
 def _small_tiles(monkeypatch):
     """Shrink every block and the program target so that small test shapes take every path:
     several L-blocks per program, several L-splits and D-blocks per row, ragged tails, several
-    chunks in the score passes."""
-    monkeypatch.setattr(common, "TARGET_PROGRAMS", 8)
-    monkeypatch.setattr(ap_mod, "TILE_FWD", 256)
-    monkeypatch.setattr(ap_mod, "TILE_BWD", 1024)
+    chunks in the score passes. (The default candidate -- the one the interpreter runs -- and on
+    a GPU every candidate autotuning times.)"""
+    monkeypatch.setattr(common, "NUM_SMS", 1)  # target_programs = 1 * resident * WAVES
+    monkeypatch.setattr(ap_mod, "RESIDENT_PER_SM", 4)
+    monkeypatch.setattr(aa_mod, "RESIDENT_PER_SM", 4)
+    monkeypatch.setattr(ap_mod, "TILES_FWD", ((256, 4, 1), (512, 4, 1)))
+    monkeypatch.setattr(ap_mod, "TILES_BWD", ((1024, 4, 1), (512, 4, 1)))
     monkeypatch.setattr(ap_mod, "MAX_BLOCK_D_FWD", 32)
     monkeypatch.setattr(ap_mod, "MAX_BLOCK_LS", 32)
-    monkeypatch.setattr(aa_mod, "TILE_FWD", 1024)
-    monkeypatch.setattr(aa_mod, "TILE_BWD", 1024)
+    monkeypatch.setattr(aa_mod, "TILES_FWD", ((1024, 4, 1), (512, 4, 1)))
+    monkeypatch.setattr(aa_mod, "TILES_BWD", ((1024, 4, 1), (512, 4, 1)))
     monkeypatch.setattr(aa_mod, "MAX_BLOCK_LS", 32)
 
 
@@ -130,15 +135,36 @@ def test_small_tiles_match_ref(op, case, monkeypatch):
     B, L, D, A, with_prior = case
     if op == "pool":
         launch = ap_mod._launch_config(B, L, D, "fp32")
-        assert launch["fwd"].grid[1] > 1 or D <= 32  # several D-blocks per row
+        assert launch["fwd"].grid({})[1] > 1 or D <= 32  # several D-blocks per row
         _compare_with_ref("pool", _pool_inputs(B, L, D, with_prior))
     else:
         launch = aa_mod._launch_config(B, L, D, A, "fp32")
         _compare_with_ref("additive", _additive_inputs(B, L, D, A, with_prior))
     for which in ("fwd", "bwd"):  # the paths these shapes are meant to take
         if which in launch and L > 100:
-            assert launch[which].grid[1] > 1 or which == "fwd" and op == "pool"
-            assert launch[which].ints.get("BLOCKS_PER_SPLIT", 2) > 1
+            how = launch[which]
+            meta = how.meta(how.configs[0])
+            assert how.grid(meta)[1] > 1 or which == "fwd" and op == "pool"
+            if "ROWS_PER_SPLIT" in how.ints:  # several BLOCK_L tiles per split
+                assert how.ints["ROWS_PER_SPLIT"] > meta["BLOCK_L"]
+
+
+@pytest.mark.parametrize("candidate", [0, 1, 2])
+@pytest.mark.parametrize("op", ["pool", "additive"])
+def test_every_autotune_candidate_matches_ref(op, candidate, force_candidate):
+    """Each autotune candidate (tile rows, warps, stages) computes the same results: run with every
+    launch forced to candidate ``candidate`` (forward, combine and backward kernels)."""
+    launched = force_candidate(candidate)
+    B, L, D, A = 3, 197, 40, 72
+    if op == "pool":
+        _compare_with_ref("pool", _pool_inputs(B, L, D, True))
+        configs = [ap_mod._launch_config(B, L, D, "fp32")[w].configs for w in ("fwd", "bwd")]
+    else:
+        _compare_with_ref("additive", _additive_inputs(B, L, D, A, True))
+        configs = [aa_mod._launch_config(B, L, D, A, "fp32")[w].configs for w in ("fwd", "combine", "bwd")]
+    assert any(len(c) > candidate for c in configs), "the shape offers no such candidate"
+    expected = [config_label(c[min(candidate, len(c) - 1)]) for c in configs]  # launch order
+    assert [config_label(c) for c in launched] == expected
 
 
 def test_large_L_once():
@@ -272,6 +298,43 @@ def test_fast_path_really_runs_kernels(monkeypatch):
     additive_attention(*_additive_inputs(1, 49, 8, 8, False))
 
 
+@pytest.mark.skipif(not interpret_mode(), reason="runs the kernels in Triton's CPU interpreter")
+def test_interpreter_mixed_dtypes_fp16():
+    """What autocast hands the local attention: fp16/bf16 features, projections and prior with the
+    fp32 parameter ``v`` (and the global attention: low-precision feats and scores). The
+    interpreter runs fp16 (numpy has no bfloat16) when the custom ops are called directly,
+    bypassing the fp32-only CPU dispatch; the low-precision rule holds for every output and
+    gradient, and each gradient has its input's dtype."""
+    B, L, D, A = 2, 49, 40, 24
+    feats, feats_proj, query_proj, v, prior = _additive_inputs(B, L, D, A, True, device="cpu")
+    low = [t.half() for t in (feats, feats_proj, query_proj)] + [v, prior.half()]  # v stays fp32
+    gc, gw = torch.randn(B, D), torch.randn(B, L)
+
+    def op_additive(f, fp, q, vv, p, upcast=None):
+        context, weights, _, _ = torch.ops.c2f_fast.additive_attention(f, fp, q, vv, p)
+        return context, weights
+
+    got = _run(op_additive, low, gc, gw)
+    want = _run(additive_attention_ref, [t.float() for t in low], gc, gw)
+    torch_lp = _run(additive_attention_ref, [t.half() for t in low], gc, gw, upcast=False)  # autocast: v in fp16
+    names = _names("additive", low)
+    for name, g, t, w, x in zip(names, got, torch_lp, want, [None, None, *low]):
+        if x is not None:
+            assert g.dtype == x.dtype, f"{name}: {g.dtype} for an input of {x.dtype}"
+        assert_low_precision(name, g, t, w, atol=1e-3 * max(1.0, w.abs().max().item()))
+
+    def op_pool(f, sc, p, upcast=None):
+        context, weights, _, _ = torch.ops.c2f_fast.attention_pool(f, sc, p)
+        return context, weights
+
+    pool_low = [t.half() for t in _pool_inputs(B, L, D, False, device="cpu")[:2]] + [None]
+    got = _run(op_pool, pool_low, gc, gw)
+    want = _run(attention_pool_ref, [None if t is None else t.float() for t in pool_low], gc, gw)
+    torch_lp = _run(attention_pool_ref, pool_low, gc, gw, upcast=False)
+    for name, g, t, w in zip(_names("pool", pool_low), got, torch_lp, want):
+        assert_low_precision(name, g, t, w, atol=1e-3 * max(1.0, w.abs().max().item()))
+
+
 # ----------------------------------------------------------------------------------------------
 # references: gradcheck in fp64
 # ----------------------------------------------------------------------------------------------
@@ -365,9 +428,13 @@ def _constexpr_names(fn):
 @pytest.mark.parametrize("name", OUR_KERNELS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_registry_configs_are_complete(name, dtype):
+    """One registered config per benchmark L and autotune candidate, each complete."""
     spec = KERNELS[name]
     configs = spec.configs(dtype)
-    assert [("L=196" in c.label, "L=784" in c.label) for c in configs] == [(True, False), (False, True)]
+    n196 = sum("L=196" in c.label for c in configs)
+    n784 = sum("L=784" in c.label for c in configs)
+    assert n196 >= 2 and n784 >= 2 and n196 + n784 == len(configs), [c.label for c in configs]
+    assert len({c.label for c in configs}) == len(configs), "labels must be unique"
     for cfg in configs:
         assert list(cfg.signature) == common.runtime_arg_names(spec.fn)
         assert set(cfg.constexprs) == set(_constexpr_names(spec.fn)), cfg.label
@@ -389,21 +456,31 @@ def test_registry_configs_are_complete(name, dtype):
     [(256, 196, 512, 512), (256, 784, 512, 512), (1, 49, 72, 40), (3, 197, 40, 72), (7, 1, 2048, 24)],
 )
 def test_launch_config_invariants(B, L, D, A):
+    """Every autotune candidate covers L with the host's split (no empty split, no split boundary
+    inside a tile) and keeps its tile bounded; the grid and the partial buffers do not depend on
+    the candidate."""
     pool = ap_mod._launch_config(B, L, D, "bf16")
     add = aa_mod._launch_config(B, L, D, A, "bf16")
-    for launch in (pool["bwd"], add["fwd"], add["bwd"]):
-        block_l = launch.constexprs["BLOCK_L"]
-        n_blocks = -(-L // block_l)
-        n_split, per = launch.grid[1], launch.ints["BLOCKS_PER_SPLIT"]
-        assert (n_split - 1) * per < n_blocks <= n_split * per  # covers L, no empty split
-        assert B * n_split >= min(common.TARGET_PROGRAMS, B * n_blocks) // 2
-        assert launch.constexprs["BLOCK_D"] >= D
-        tile_max = max(ap_mod.TILE_BWD, aa_mod.TILE_FWD, launch.constexprs["BLOCK_D"])
-        assert block_l * launch.constexprs["BLOCK_D"] <= tile_max
+    tile_max = max(e for e, _, _ in (*ap_mod.TILES_BWD, *aa_mod.TILES_FWD, *aa_mod.TILES_BWD))
+    for how in (pool["bwd"], add["fwd"], add["bwd"]):
+        rows = how.ints["ROWS_PER_SPLIT"]
+        grids = {how.grid(how.meta(c)) for c in how.configs}
+        assert len(grids) == 1, grids
+        n_split = grids.pop()[1]
+        assert (n_split - 1) * rows < L <= n_split * rows  # covers L, no empty split
+        assert B * n_split >= min(common.target_programs(1), B * -(-L // rows)) // 2
+        assert how.constexprs["BLOCK_D"] >= D
+        for cfg in how.configs:
+            block_l = cfg.kwargs["BLOCK_L"]
+            assert rows % block_l == 0, (rows, block_l)
+            assert block_l * how.constexprs["BLOCK_D"] <= max(tile_max, how.constexprs["BLOCK_D"])
+            assert cfg.num_warps in (1, 2, 4, 8)
     fwd = pool["fwd"]
-    assert fwd.grid[1] * fwd.constexprs["BLOCK_D"] >= D
-    assert fwd.constexprs["BLOCK_L"] * fwd.constexprs["BLOCK_D"] <= ap_mod.TILE_FWD
+    assert fwd.grid({})[1] * fwd.constexprs["BLOCK_D"] >= D
+    for cfg in fwd.configs:
+        assert cfg.kwargs["BLOCK_L"] * fwd.constexprs["BLOCK_D"] <= max(e for e, _, _ in ap_mod.TILES_FWD)
     assert add["fwd"].constexprs["BLOCK_A"] >= A
+    assert add["fwd"].ints["N_SPLIT"] == add["combine"].ints["N_SPLIT"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,16 +499,10 @@ def _assert_rule(op, inputs_lp, gc, gw):
     eps = torch.finfo(inputs_lp[0].dtype).eps
     for name, g, t, w in zip(_names(op, inputs_lp), got, torch_lp, want):
         assert g.dtype == t.dtype, name
-        err_fast = (g.float() - w).abs().max().item()
-        err_torch = (t.float() - w).abs().max().item()
-        atol = eps * w.abs().max().item()
-        assert err_fast <= 2 * err_torch + atol, (
-            f"{name}: fast {err_fast:.3g} vs torch {err_torch:.3g} (atol {atol:.3g})"
-        )
+        assert_low_precision(name, g, t, w, atol=eps * w.abs().max().item())
 
 
 @requires_cuda
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("with_prior", [False, True], ids=["no_prior", "prior"])
 @pytest.mark.parametrize("shape", [(4, 197, 72, 40), (8, 196, 512, 512)], ids=["small", "D512"])
@@ -443,7 +514,6 @@ def test_low_precision_rule(dtype, with_prior, shape):
 
 
 @requires_cuda
-@pytest.mark.gpu
 @pytest.mark.parametrize("L", [196, 784])
 def test_benchmark_shapes_bf16(L):
     B, D, A = 256, 512, 512
@@ -453,7 +523,6 @@ def test_benchmark_shapes_bf16(L):
 
 
 @requires_cuda
-@pytest.mark.gpu
 def test_benchmark_shapes_fp32():
     # dv sums B·L = 200k terms in a different order than cuBLAS: fp32 rounding ~sqrt(n)·eps.
     _compare_with_ref("pool", _pool_inputs(256, 784, 512, True), tol=1e-4)
@@ -478,7 +547,6 @@ class _GlobalLocal(torch.nn.Module):
 
 
 @requires_cuda
-@pytest.mark.gpu
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     B, L, D, A = 4, 196, 72, 40

@@ -1,4 +1,4 @@
-"""Tests of the ahead-of-time SASS report (``kernels.report``, issue 5).
+"""Tests of the ahead-of-time SASS report (``benchmarks/kernel_report.py``, issues 5 and 12).
 
 Three layers:
 
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from kernels import _sass
+from benchmarks import _sass
 from kernels.registry import KernelSpec
-from kernels.report import (
+from benchmarks.kernel_report import (
     WIDE_KINDS,
     KernelReport,
     ReportError,
@@ -185,7 +185,7 @@ def test_check_rules_on_constructed_reports():
 
 
 def test_missing_tools_fail_clearly(monkeypatch, tmp_path):
-    import kernels.report as report
+    import benchmarks.kernel_report as report
 
     monkeypatch.setattr(report, "_triton_bin_dir", lambda: tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -196,7 +196,7 @@ def test_missing_tools_fail_clearly(monkeypatch, tmp_path):
 
 def test_unimportable_op_module_is_named(monkeypatch):
     import kernels
-    from kernels.report import load_specs
+    from benchmarks.kernel_report import load_specs
 
     monkeypatch.setattr(kernels, "OP_MODULES", kernels.OP_MODULES + ("no_such_op",))
     with pytest.raises(ReportError, match="no_such_op"):
@@ -208,7 +208,7 @@ def test_interpreted_kernels_are_refused_in_process():
     import triton
     import triton.language as tl
 
-    from kernels.report import compile_kernel
+    from benchmarks.kernel_report import compile_kernel
     from kernels.registry import CompileConfig
 
     @triton.jit
@@ -284,6 +284,24 @@ def test_every_registered_kernel_compiles_for_sm90(registered):
             assert rows, f"{name} {dtype}: spec.configs({dtype!r}) gave no configuration to compile"
     failures = _failures(registered, "compile failed")
     assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.slow
+def test_report_covers_every_autotune_candidate(registered):
+    """Every kernel is autotuned over several candidates, and the report compiled each of them
+    (the registry's configs are the launchers' candidates at the benchmark sizes)."""
+    from kernels import all_kernels
+
+    for name, spec in all_kernels().items():
+        for dtype in spec.dtypes:
+            labels = [c.label for c in spec.configs(dtype)]
+            reported = [r.config for r in registered.reports if r.kernel == name and r.dtype == dtype]
+            assert sorted(reported) == sorted(labels), f"{name} {dtype}"
+            per_size: dict[str, int] = {}
+            for label in labels:
+                size = label.split(" grid=")[0]
+                per_size[size] = per_size.get(size, 0) + 1
+            assert min(per_size.values()) >= 2, f"{name} {dtype}: fewer than two autotune candidates {per_size}"
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .images import BadImageError, BadImageReport, check_image
-from .loaders import IMAGENET_MEAN, IMAGENET_STD, Batch, ImageLoader, LoaderConfig, sample_seed
+from .base import IMAGENET_MEAN, IMAGENET_STD, Batch, ImageLoader, LoaderConfig, sample_seed
 from .records import MultiLabelSet
 
 log = logging.getLogger(__name__)

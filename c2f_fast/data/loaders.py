@@ -46,113 +46,29 @@ from __future__ import annotations
 
 import logging
 import math
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .images import BadImageError, BadImageReport, scan_images
+from .base import (  # noqa: F401  (re-exported: the names' old home)
+    _DTYPES,
+    _ON_BAD,
+    _VERIFY,
+    BACKENDS,
+    DEFAULT_CROP_RATIO,
+    DEFAULT_CROP_SCALE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Batch,
+    ImageLoader,
+    LoaderConfig,
+    sample_seed,
+    shard_bounds,
+)
+from .images import BadImageError, BadImageReport, scan_images  # noqa: F401 (BadImageError: re-exported)
 from .records import MultiLabelSet
 
 log = logging.getLogger(__name__)
-
-#: ImageNet statistics of RGB in [0, 1] (torchvision's pretrained weights).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-#: Default area fraction of the training crop. torchvision's ImageNet default (0.08, 1) keeps as
-#: little as 8 % of the image: with image-level multi-label targets, such crops often cut every
-#: instance of a labelled class away and the target row becomes wrong. A quarter keeps most objects.
-DEFAULT_CROP_SCALE = (0.25, 1.0)
-DEFAULT_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-
-BACKENDS = ("dali", "torch")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_VERIFY = ("header", "decode", "none")
-_ON_BAD = ("error", "skip")
-
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class LoaderConfig:
-    """The settings both backends share (validated by :func:`build_loader`)."""
-
-    batch_size: int
-    train: bool
-    image_size: int
-    device: torch.device
-    num_workers: int
-    shard_id: int
-    num_shards: int
-    seed: int
-    dtype: torch.dtype
-    crop_scale: tuple[float, float]
-    crop_ratio: tuple[float, float]
-    prefetch: int
-
-
-def shard_bounds(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-    """``[start, end)`` of shard ``shard_id`` over ``n`` samples: DALI's reader partition."""
-    return (shard_id * n) // num_shards, ((shard_id + 1) * n) // num_shards
-
-
-def sample_seed(*keys: int) -> int:
-    """A 63-bit seed mixing ``keys`` (seed, epoch, shard, index): no overlap between nearby keys."""
-    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1, np.uint64)
-    return int(state[0] >> np.uint64(1))
-
-
-class ImageLoader(ABC):
-    """An epoch-iterable loader of ``(images, targets, indices)`` batches (see the module docstring).
-
-    Attributes: ``dataset``; ``indices`` (the dataset indices the loader draws from: all of them
-    minus skipped bad images); ``config``; ``report`` (:class:`BadImageReport`); ``backend``.
-    """
-
-    backend: str = ""
-
-    def __init__(
-        self, dataset: MultiLabelSet, indices: np.ndarray, config: LoaderConfig, report: BadImageReport
-    ) -> None:
-        self.dataset = dataset
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.config = config
-        self.report = report
-        n = len(self.indices)
-        start, end = shard_bounds(n, config.shard_id, config.num_shards)
-        self.shard_size = end - start
-        if config.train:
-            self._steps = (n // config.num_shards) // config.batch_size
-        else:
-            self._steps = math.ceil(self.shard_size / config.batch_size)
-        # Targets live on the output device once; a batch's rows are gathered there by index.
-        self._targets = torch.from_numpy(np.ascontiguousarray(dataset.targets)).to(config.device)
-
-    def __len__(self) -> int:
-        """Batches per epoch on this shard."""
-        return self._steps
-
-    @property
-    def num_samples(self) -> int:
-        """Images per epoch on this shard."""
-        return self._steps * self.config.batch_size if self.config.train else self.shard_size
-
-    @abstractmethod
-    def __iter__(self) -> Iterator[Batch]: ...
-
-    def _gather_targets(self, indices: torch.Tensor) -> torch.Tensor:
-        return self._targets.index_select(0, indices.to(self._targets.device))
-
-    def __repr__(self) -> str:
-        c = self.config
-        return (
-            f"{type(self).__name__}(n={len(self.indices)}, batch_size={c.batch_size}, train={c.train}, "
-            f"image_size={c.image_size}, shard={c.shard_id}/{c.num_shards}, device={c.device}, "
-            f"dtype={c.dtype}, batches={len(self)}, skipped={self.report.count})"
-        )
 
 
 def _resolve_device(device: torch.device | str | int | None) -> torch.device:

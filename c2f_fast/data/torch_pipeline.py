@@ -32,7 +32,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from .images import BadImageError, BadImageReport, check_image
-from .loaders import IMAGENET_MEAN, IMAGENET_STD, Batch, ImageLoader, LoaderConfig, sample_seed, shard_bounds
+from .base import IMAGENET_MEAN, IMAGENET_STD, Batch, ImageLoader, LoaderConfig, sample_seed, shard_bounds
 from .records import MultiLabelSet
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec and warns at every call

@@ -1,15 +1,19 @@
 """Ahead-of-time SASS report of every Triton kernel in ``kernels`` (no GPU needed).
 
-    python -m kernels.report [--arch 90 80] [--out benchmarks/KERNELS.md] [--kernel NAME ...]
+    python -m benchmarks.kernel_report [--arch 90 80] [--out benchmarks/KERNELS.md] [--kernel NAME ...]
+    python benchmarks/kernel_report.py ...          (the same, from a checkout)
+
+Part of the repository's benchmark tooling, not of the shipped ``kernels`` package: it needs a
+checkout (it writes ``benchmarks/KERNELS.md``, and its tests compile ``tests/`` probe kernels).
 
 For every kernel in :func:`kernels.registry.all_kernels` (so a new kernel cannot be forgotten),
 every dtype in ``spec.dtypes`` and every :class:`~kernels.registry.CompileConfig` of
-``spec.configs(dtype)``, the kernel is compiled with ``triton.compile`` for ``sm_90`` (H100/H200)
+``spec.configs(dtype)`` (every autotune candidate the launchers offer), the kernel is compiled with ``triton.compile`` for ``sm_90`` (H100/H200)
 and ``sm_80`` (A100) on the CPU, and the cubin is read with the ``cuobjdump`` / ``nvdisasm`` that
 ship inside the Triton wheel. Reported per kernel: registers, local memory (spills), shared
 memory, global load/store widths (LDG/STG .128/.64/32/U16...), cp.async (LDGSTS) and TMA copies,
 tensor-core (HGMMA/HMMA) and MUFU instructions, occupancy per SM, and per pointer argument the
-widths of the PTX accesses made through it (see :mod:`kernels._sass`).
+widths of the PTX accesses made through it (see :mod:`benchmarks._sass`).
 
 Specialisation. At launch, Triton's JIT specialises each argument on its value: pointers whose
 address is a multiple of 16 and integers that are multiples of 16 get a ``tt.divisibility=16``
@@ -53,7 +57,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ._sass import (
+if __package__ in (None, ""):  # run as a file: python benchmarks/kernel_report.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._sass import (  # noqa: E402
     ARCH_LIMITS,
     TMA,
     occupancy,
@@ -61,7 +68,7 @@ from ._sass import (
     ptx_global_accesses,
     summarise_sass,
 )
-from .registry import KERNELS, CompileConfig, KernelSpec
+from kernels.registry import KERNELS, CompileConfig, KernelSpec  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHS = (90, 80)
@@ -168,7 +175,7 @@ def _jit_function(spec: KernelSpec) -> Any:
             raise ReportError(
                 f"kernel {spec.name!r}: spec.fn is a Triton InterpretedFunction because TRITON_INTERPRET=1 "
                 f"was set when triton was imported; it cannot be compiled for a GPU. Use "
-                f"kernels.report.report_subprocess() or run `python -m kernels.report` (both compile in a "
+                f"benchmarks.kernel_report.report_subprocess() or run `python -m benchmarks.kernel_report` (both compile in a "
                 f"process without TRITON_INTERPRET)."
             )
         fn = getattr(fn, "fn", None)
@@ -554,7 +561,7 @@ def check(report: KernelReport, spec: KernelSpec, dtype: str | None = None) -> l
        ``spec.streamed`` is 16 bytes wide (a 16-byte vector access, a 16-byte cp.async, or a TMA
        tile), and at least one access through it exists (a name that matches nothing is an error,
        not a pass). Accesses are attributed to arguments in PTX (see
-       :func:`kernels._sass.ptx_global_accesses`); SASS widths are reported alongside. Every
+       :func:`benchmarks._sass.ptx_global_accesses`); SASS widths are reported alongside. Every
        access, not "most": Triton masks tails per vector, so a correctly laid out stream has no
        reason for a single narrow access; one means a layout that gives each thread fewer than
        16 contiguous bytes or a missing alignment/divisibility hint, and inside a loop it costs
@@ -768,7 +775,7 @@ def report_subprocess(
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with tempfile.TemporaryDirectory(prefix="kernel_report_") as tmp:
         out = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "kernels.report", "--no-write", "--quiet", "--json", str(out), "--arch"]
+        cmd = [sys.executable, "-m", "benchmarks.kernel_report", "--no-write", "--quiet", "--json", str(out), "--arch"]
         cmd += [str(a) for a in archs]
         for module in modules:
             cmd += ["--module", str(module)]
@@ -820,7 +827,7 @@ def render_markdown(
     lines = [
         "# Triton kernels: registers, spills, load widths, occupancy (SASS, compiled ahead of time)",
         "",
-        f"Generated {now} by `{' '.join(['python -m kernels.report', *argv])}` — do not edit by hand.",
+        f"Generated {now} by `{' '.join(['python -m benchmarks.kernel_report', *argv])}` — do not edit by hand.",
         "",
         f"- triton {triton.__version__}, cuobjdump/nvdisasm from {_tool_version(tools.cuobjdump)}; "
         f"Python {platform.python_version()}",
@@ -831,8 +838,8 @@ def render_markdown(
         "- kernels: " + ", ".join(f"`{n}` ({', '.join(s.dtypes)}; streamed: {', '.join(s.streamed) or '-'}"
                                   f"{'; tl.dot' if s.uses_dot else ''})" for n, s in specs.items()),
         "",
-        "Regenerate: `python -m kernels.report` (all kernels, sm_90 and sm_80, writes this file); "
-        "`python -m kernels.report --arch 90 --kernel NAME --no-write` to look at one kernel. "
+        "Regenerate: `python -m benchmarks.kernel_report` (all kernels, sm_90 and sm_80, writes this file); "
+        "`python -m benchmarks.kernel_report --arch 90 --kernel NAME --no-write` to look at one kernel. "
         "The checks below run in CI as `python -m pytest tests/test_kernel_report.py`.",
         "",
         "## Columns",
@@ -865,6 +872,27 @@ def render_markdown(
         "The rows are also checked for sm_80 here; CI compiles sm_90 only.",
         "",
     ]
+    lines += [
+        "## Autotuning, launch shapes, known costs",
+        "",
+        "- Every kernel is `@triton.autotune`d (through `kernels._utils.launch`): each row is one candidate "
+        "(config column: tuned tile sizes, `w` warps, `s` stages; the first per kernel/size is the default, "
+        "the one the CPU interpreter runs). Grids and partial buffers are fixed by the host, so every "
+        "candidate computes the same thing and autotuning (which runs each candidate once per key: the "
+        "problem sizes and dtypes) only picks speed.",
+        "- Split launches aim for `2 waves x 132 SMs x resident programs per SM` programs, the resident "
+        "count taken from this table (additive attention: 2/SM; attention pool: 4/SM).",
+        "- Stages: the attention loops do not feed `tl.dot`, and Triton does not software-pipeline their "
+        "loads (no LDGSTS): their `s2` rows compile to the same registers and instructions as `s1`. The "
+        "LSTM forward (`tl.dot`) pipelines with cp.async; its stages change shared memory and occupancy.",
+        "- Sizes are specialised (a new B is a new launch configuration and, under `torch.compile`, a "
+        "recompilation): the training engine keeps B static (see `kernels/_utils.py`).",
+        "- Not in this table: the decoder's per-step dense `dfeats` terms (one `[B, L, D]` write per "
+        "step, summed by autograd) move ~3.5 GB per iteration at B=256, L=784, D=512, T=5 (bf16) where "
+        "one batched product would move ~0.2 GB; why they stay per step, and the measurement: "
+        "`python -m benchmarks.dfeats_accumulation` and `kernels/additive_attention.py`.",
+        "",
+    ]
     for arch in archs:
         rows = [r for r in reports if r.arch == arch]
         lines += [f"## {ARCH_LIMITS[arch].name}", "", format_table(rows), ""]
@@ -891,12 +919,12 @@ def _process_wall_s(fallback_start: float) -> float:
 def _rerun_without_interpreter(argv: Sequence[str]) -> int:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.call([sys.executable, "-m", "kernels.report", *argv], env=env)
+    return subprocess.call([sys.executable, "-m", "benchmarks.kernel_report", *argv], env=env, cwd=REPO_ROOT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m kernels.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="SM versions (90 80)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown report to write")
     parser.add_argument("--no-write", action="store_true", help="do not write --out")
@@ -915,7 +943,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs = load_specs(args.module, args.kernel)
         reports = run_report(specs, args.arch, max(1, args.jobs))
     except (ReportError, ValueError) as exc:
-        print(f"kernels.report: {exc}", file=sys.stderr)
+        print(f"benchmarks.kernel_report: {exc}", file=sys.stderr)
         return EXIT_CANNOT_REPORT
     wall = _process_wall_s(start)
     problems = problems_of(reports, specs)

@@ -1,4 +1,4 @@
-"""Text parsers behind ``kernels.report``: cuobjdump resource usage, SASS, PTX, and occupancy.
+"""Text parsers behind ``benchmarks.kernel_report``: cuobjdump resource usage, SASS, PTX, and occupancy.
 
 Everything here works on strings, so it is unit-tested without Triton, a GPU or the CUDA tools.
 
