@@ -1,11 +1,17 @@
-"""The built-in synthetic multi-label set, written to disk in VOC layout (SPEC "The built-in synthetic set").
+"""The built-in synthetic multi-label set, written to disk in VOC layout (docs/data.md, "The built-in
+synthetic set").
 
 Each class is a (shape, colour) pair -- 20 classes = 5 shapes x 4 colours by default -- so neither
 cue alone decides a class: every class shape also appears in colours that belong to no class, and
-every class colour also appears on shapes that belong to no class (distractors). Objects are small
-(about 6-20 px at 128 px, scaled with ``image_size``), may partly overlap, and lie on a textured
-clutter background (smooth colour noise, an optional grating, thin lines and outlines, pixel noise,
-an illumination change per image). Each image holds 1-4 classes (a class sometimes twice).
+every class colour also appears on shapes that belong to no class (distractors). Objects may partly
+overlap and lie on a textured clutter background (smooth colour noise, an optional grating, thin
+lines and outlines, pixel noise, an illumination change per image). Each image holds 1-4 classes
+(a class sometimes twice).
+
+Two presets (``PRESETS``): ``hard`` (the default; small objects of about 6-20 px at 128 px, scaled
+with ``image_size``, 1-5 distractors, dense clutter; 2,000 train / 500 test images) for the ablation,
+and ``demo`` (larger objects, fewer distractors and clutter lines, more images) for a demo that
+trains to a high mAP in minutes on a CPU. The manifest records the preset and all its parameters.
 
 Label co-occurrence has structure: the classes are paired (a fixed pairing per class count), and
 once an image holds a class its partner is added far more often than chance; in each pair one class
