@@ -158,11 +158,11 @@ def attention_figure(
         col = 0
         ax = axes[b][col]
         ax.imshow(img)
-        top = [c for c in emitted[b].tolist() if c != PAD]
-        if T == 0:  # no local attention: name the classes predicted (p >= 0.5)
-            top = [int(c) for c in torch.nonzero(scores[b] >= 0.5).flatten()]
-        ax.set_title(_label(images[b], b), fontsize=8)
-        ax.set_xlabel(", ".join(class_names[c] for c in top) or "(none)", fontsize=7)
+        title = _label(images[b], b)
+        if T == 0:  # no local attention: name the (up to 3 best) classes predicted (p >= 0.5)
+            best = [int(c) for c in torch.argsort(scores[b], descending=True)[:3] if scores[b, c] >= 0.5]
+            title += "\n" + (", ".join(f"{class_names[c]} {float(scores[b, c]):.2f}" for c in best) or "(none)")
+        ax.set_title(title, fontsize=7 if T == 0 else 8)
         col += 1
         if glob is not None:
             ax = axes[b][col]
