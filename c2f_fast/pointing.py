@@ -29,6 +29,7 @@ Typical use in an evaluation loop::
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -84,6 +85,17 @@ def scale_boxes(boxes: Sequence[Box], orig_size: Size, image_size: int) -> list[
     W, H = (orig_size, orig_size) if isinstance(orig_size, (int, np.integer)) else orig_size
     sx, sy = image_size / float(W), image_size / float(H)
     return [(int(c), x1 * sx, y1 * sy, x2 * sx, y2 * sy) for c, x1, y1, x2, y2 in boxes]
+
+
+def original_sizes(image_paths: Sequence[Union[str, "os.PathLike[str]"]]) -> list[tuple[int, int]]:
+    """(W, H) of each image file, from its header (no decoding): the ``orig_sizes`` of ``update``."""
+    from PIL import Image
+
+    sizes = []
+    for path in image_paths:
+        with Image.open(path) as im:
+            sizes.append((int(im.width), int(im.height)))
+    return sizes
 
 
 def _hit(x: float, y: float, boxes: Sequence[Box], tol: float) -> bool:
@@ -275,6 +287,7 @@ __all__ = [
     "TOLERANCE_AT_224",
     "box_distance",
     "map_shape",
+    "original_sizes",
     "peak_xy",
     "pointing_game",
     "scale_boxes",

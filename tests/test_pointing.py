@@ -151,3 +151,13 @@ def test_shape_errors() -> None:
     with pytest.raises(ValueError, match="class_names"):
         PointingGame(C, S, class_names=["a"])
     assert pointing_game(None, None, None, [[]], S, num_classes=C).to_dict()["global"] is None
+
+
+def test_original_sizes(tmp_path) -> None:
+    from PIL import Image
+
+    from c2f_fast.pointing import original_sizes
+
+    Image.new("RGB", (30, 20)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (7, 9)).save(tmp_path / "b.png")
+    assert original_sizes([tmp_path / "a.jpg", str(tmp_path / "b.png")]) == [(30, 20), (7, 9)]
