@@ -58,31 +58,29 @@ class ResNetEncoder(nn.Module):
 class TinyEncoder(nn.Module):
     """A small VGG-style backbone for CPU demos and tests.
 
-    One 3x3 conv (+BN, ReLU) per stage and a max-pool after each of the first four, so the feature
-    map is at 1/16 resolution like conv5_3 of VGG-16; a last conv + ReLU at that resolution gives
-    ``a`` (as conv5_3 does), and the image feature is a linear layer on its max-pooled map (fc7's
-    role). About 75 MMAC per 128-px image, ~10x less than two convs per stage: one epoch of the
-    synthetic set trains in well under a minute on two CPU cores.
+    One 3x3 conv (+BN, ReLU) per stage, with a max-pool after each of the first three, so the
+    feature map is at 1/8 resolution (16x16, L = 256, at 128 px): a small object (6-20 px) then
+    spans a few cells and the local attention has something to choose between (docs/data.md, "The
+    built-in synthetic set"). A last conv + ReLU at that resolution gives ``a`` (as conv5_3 does),
+    and the image feature is a linear layer on its max-pooled map (fc7's role). About 101 MMAC per
+    128-px image (75 MMAC at stride 16), still ~8x less than two convs per stage.
     """
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), feat_dim: int = 128, fc_dim: int = 256):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
-        for width in widths:
-            layers += [
-                nn.Conv2d(c_in, width, 3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            ]
+        for k, width in enumerate(widths):
+            layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            if k < len(widths) - 1:  # no pool after the last stage: stride 2**(stages - 1)
+                layers.append(nn.MaxPool2d(2))
             c_in = width
         layers += [nn.Conv2d(c_in, feat_dim, 3, padding=1), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
         self.fc = nn.Sequential(nn.Linear(feat_dim, fc_dim), nn.ReLU(inplace=True))
         self.feat_dim = feat_dim
         self.fc_dim = fc_dim
-        self.stride = 2 ** len(widths)
+        self.stride = 2 ** (len(widths) - 1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmap = self.features(images)  # 1/16 resolution
@@ -173,6 +171,8 @@ def feature_map_size(backbone: str, image_size: int) -> int:
         for _ in range(3):
             side = (side + 2 - 3) // 2 + 1
         return side
+    if backbone == "tiny":
+        return image_size // 8  # three 2x2 max-pools (TinyEncoder.stride)
     return image_size // 16
 
 

@@ -168,3 +168,59 @@ def test_stale_partial_of_dead_process_removed(tmp_path: Path) -> None:
     stale.mkdir()
     make_synthetic(tmp_path / "s", n_train=2, n_test=1, num_classes=4)
     assert not stale.exists()
+
+
+# ------------------------------------------------------------------------------------------ presets
+DEMO_SMALL = dict(n_train=12, n_test=4)
+
+
+def test_hard_preset_is_the_default_set() -> None:
+    assert syn.preset_spec("hard") == SyntheticSpec()
+    assert syn.preset_spec("hard", n_train=40, n_test=10, seed=0) == SyntheticSpec(seed=0, **SMALL)
+    spec = syn.preset_spec("demo")
+    assert spec.preset == "demo" and spec.n_train > 2000 and spec.object_size[0] > 6
+    assert spec.distractors[1] < SyntheticSpec().distractors[1]
+
+
+def test_legacy_positional_call_and_none_overrides(tmp_path: Path) -> None:
+    a = make_synthetic(tmp_path / "a", 4, 2, 64, 4, 0)  # the old positional form: preset "hard"
+    b = make_synthetic(tmp_path / "b", "hard", n_train=4, n_test=2, image_size=64, num_classes=4, seed=None)
+    assert _tree(a) == _tree(b)
+    with pytest.raises(ValueError, match="unknown synthetic-set parameter"):
+        make_synthetic(tmp_path / "c", "demo", n_images=3)
+    with pytest.raises(ValueError, match="preset"):
+        make_synthetic(tmp_path / "c", "easy")
+    with pytest.raises(TypeError, match="twice"):
+        make_synthetic(tmp_path / "c", 4, n_train=5)
+
+
+def test_demo_preset_deterministic_per_seed(tmp_path: Path) -> None:
+    a = make_synthetic(tmp_path / "a", "demo", seed=0, **DEMO_SMALL)
+    b = make_synthetic(tmp_path / "b", "demo", seed=0, **DEMO_SMALL)
+    c = make_synthetic(tmp_path / "c", "demo", seed=1, **DEMO_SMALL)
+    ta, tb, tc = _tree(a), _tree(b), _tree(c)
+    assert ta == tb
+    assert all(ta[k] != tc[k] for k in ("JPEGImages/train_000000.jpg", "Annotations/train_000000.xml"))
+    da, dc = load_voc(a, split="train"), load_voc(c, split="train")
+    assert not np.array_equal(da.targets, dc.targets)
+    assert np.array_equal(da.targets, load_voc(b, split="train").targets) and da.boxes == load_voc(b, split="train").boxes
+    # larger objects than the hard set
+    sizes = [x2 - x1 for boxes in da.boxes for _, x1, _, x2, _ in boxes]
+    lo, hi = syn.PRESETS["demo"]["object_size"]
+    assert min(sizes) >= round(lo) and max(sizes) <= round(hi)
+
+
+def test_manifest_records_the_preset_and_other_presets_are_rebuilt(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    make_synthetic(out, "demo", **DEMO_SMALL)
+    manifest = json.loads((out / syn.MANIFEST).read_text())
+    assert manifest["preset"] == "demo" and manifest["params"]["preset"] == "demo"
+    marker = out / "JPEGImages" / "train_000000.jpg"
+    marker.write_bytes(b"touched")
+    make_synthetic(out, "demo", **DEMO_SMALL)  # same preset and parameters: reused
+    assert marker.read_bytes() == b"touched"
+    make_synthetic(out, "hard", **DEMO_SMALL)  # same counts, other preset: rebuilt
+    assert marker.read_bytes() != b"touched"
+    assert json.loads((out / syn.MANIFEST).read_text())["preset"] == "hard"
+    hard = make_synthetic(tmp_path / "h", "hard", **DEMO_SMALL)
+    assert _tree(out) == _tree(hard)

@@ -1,11 +1,17 @@
-"""The built-in synthetic multi-label set, written to disk in VOC layout (SPEC "The built-in synthetic set").
+"""The built-in synthetic multi-label set, written to disk in VOC layout (docs/data.md, "The built-in
+synthetic set").
 
 Each class is a (shape, colour) pair -- 20 classes = 5 shapes x 4 colours by default -- so neither
 cue alone decides a class: every class shape also appears in colours that belong to no class, and
-every class colour also appears on shapes that belong to no class (distractors). Objects are small
-(about 6-20 px at 128 px, scaled with ``image_size``), may partly overlap, and lie on a textured
-clutter background (smooth colour noise, an optional grating, thin lines and outlines, pixel noise,
-an illumination change per image). Each image holds 1-4 classes (a class sometimes twice).
+every class colour also appears on shapes that belong to no class (distractors). Objects may partly
+overlap and lie on a textured clutter background (smooth colour noise, an optional grating, thin
+lines and outlines, pixel noise, an illumination change per image). Each image holds 1-4 classes
+(a class sometimes twice).
+
+Two presets (``PRESETS``): ``hard`` (the default; small objects of about 6-20 px at 128 px, scaled
+with ``image_size``, 1-5 distractors, dense clutter; 2,000 train / 500 test images) for the ablation,
+and ``demo`` (larger objects, fewer distractors and clutter lines, more images) for a demo that
+trains to a high mAP in minutes on a CPU. The manifest records the preset and all its parameters.
 
 Label co-occurrence has structure: the classes are paired (a fixed pairing per class count), and
 once an image holds a class its partner is added far more often than chance; in each pair one class
@@ -78,8 +84,6 @@ _P_PARTNER = 0.75  # P(next class added is a missing partner of a present class)
 _FOLLOWER_WEIGHT = 0.3  # relative weight of a follower class when drawn not through its partner
 _P_SECOND_INSTANCE = 0.15
 _MAX_INSTANCES = 5
-_MAX_COVER = 0.35  # max fraction of a class object's box that another object's box may cover
-_P_NEAR = 0.4  # chance a new object is placed next to an existing one (makes partial overlaps)
 
 
 def class_grid(num_classes: int) -> tuple[int, int]:
@@ -111,13 +115,25 @@ class Item:
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    """The parameters of one synthetic set, and the (deterministic) sampling and drawing of its images."""
+    """The parameters of one synthetic set, and the (deterministic) sampling and drawing of its images.
+
+    The defaults are the ``hard`` preset. Object sizes are in pixels at 128 px (scaled with
+    ``image_size``); ``distractors`` and ``clutter`` are inclusive ranges of counts per image;
+    ``max_cover`` bounds the share of a class object's box another object may cover and ``p_near``
+    is the chance a new object is placed next to an existing one (partial overlaps).
+    """
 
     n_train: int = 2000
     n_test: int = 500
     image_size: int = 128
     num_classes: int = 20
     seed: int = 0
+    preset: str = "hard"
+    object_size: tuple[float, float] = (6.0, 20.0)
+    distractors: tuple[int, int] = (1, 5)
+    clutter: tuple[int, int] = (5, 14)
+    max_cover: float = 0.35
+    p_near: float = 0.4
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_test"):
@@ -126,6 +142,15 @@ class SyntheticSpec:
         if self.image_size < 32:
             raise ValueError(f"image_size: expected >= 32, got {self.image_size}")
         class_grid(self.num_classes)  # validates num_classes
+        for name, low in (("object_size", 1), ("distractors", 0), ("clutter", 0)):
+            value = tuple(getattr(self, name))
+            if len(value) != 2 or not low <= value[0] <= value[1]:
+                raise ValueError(f"{name}: expected (min, max) with {low} <= min <= max, got {value!r}")
+            object.__setattr__(self, name, value)  # lists (from JSON) become tuples
+        if self.object_size[1] * self.image_size / 128 > self.image_size:
+            raise ValueError(f"object_size: {self.object_size} does not fit a {self.image_size}-px image")
+        if not 0 <= self.max_cover <= 1 or not 0 <= self.p_near <= 1:
+            raise ValueError(f"max_cover, p_near: expected values in [0, 1], got {self.max_cover}, {self.p_near}")
 
     # ----------------------------------------------------------------------------------- classes
     @cached_property
@@ -197,12 +222,12 @@ class SyntheticSpec:
         self, rng: np.random.Generator, w: int, h: int, placed: list[Item], is_class: bool
     ) -> tuple[int, int] | None:
         """Top-left corner for a ``w`` x ``h`` box, fully inside the image, that covers no more than
-        ``_MAX_COVER`` of a placed class object (or, for a class object, is not covered that much by
+        ``max_cover`` of a placed class object (or, for a class object, is not covered that much by
         a placed item). Class objects always get a place (the least-overlapping try); others may not."""
         size = self.image_size
         best, best_cover = None, math.inf
         for _ in range(30):
-            if placed and rng.random() < _P_NEAR:
+            if placed and rng.random() < self.p_near:
                 ref = placed[int(rng.integers(len(placed)))]
                 angle = rng.uniform(0, 2 * math.pi)
                 dist = rng.uniform(0.55, 1.0) * 0.5 * (max(ref.w, ref.h) + max(w, h))
@@ -221,7 +246,7 @@ class SyntheticSpec:
                 ih = min(y0 + h, it.y0 + it.h) - max(y0, it.y0)
                 if iw > 0 and ih > 0:
                     cover = max(cover, iw * ih / min(w * h, it.w * it.h))
-            if cover <= _MAX_COVER:
+            if cover <= self.max_cover:
                 return x0, y0
             if cover < best_cover:
                 best, best_cover = (x0, y0), cover
@@ -229,7 +254,7 @@ class SyntheticSpec:
 
     def _object_size(self, rng: np.random.Generator) -> int:
         scale = self.image_size / 128
-        return max(4, int(round(rng.uniform(6, 20) * scale)))
+        return max(4, int(round(rng.uniform(*self.object_size) * scale)))
 
     def layout(self, split: str, index: int, rng: np.random.Generator | None = None) -> list[Item]:
         """Objects of one image, class objects and distractors, in drawing order.
@@ -252,7 +277,8 @@ class SyntheticSpec:
             x0, y0 = self._place(rng, w, h, placed, is_class=True)
             placed.append(Item(c, shape, _jitter(rng, CLASS_COLOURS[colour]), x0, y0, w, h))
         kinds = self._distractor_kinds
-        for _ in range(int(rng.integers(1, 6))):
+        lo, hi = self.distractors
+        for _ in range(int(rng.integers(lo, hi + 1))):
             shape, rgb = kinds[int(rng.integers(len(kinds)))]
             s = self._object_size(rng)
             w, h = s, max(4, int(round(s * rng.uniform(0.85, 1.15))))
@@ -272,7 +298,7 @@ class SyntheticSpec:
         size = self.image_size
         img = Image.fromarray(_background(rng, size))
         draw = ImageDraw.Draw(img)
-        _clutter(rng, draw, size)
+        _clutter(rng, draw, size, self.clutter)
         for it in items:
             _draw_shape(draw, it, rng)
         arr = np.array(img, dtype=np.float32)
@@ -310,10 +336,10 @@ def _muted(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(min(max(int(grey + d), 0), 255) for d in shift)  # type: ignore[return-value]
 
 
-def _clutter(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size: int) -> None:
-    """Thin lines, arcs and box outlines in muted colours."""
+def _clutter(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size: int, count: tuple[int, int]) -> None:
+    """Thin lines, arcs and box outlines in muted colours (``count``: inclusive range)."""
     width = max(1, size // 128)
-    for _ in range(int(rng.integers(5, 15))):
+    for _ in range(int(rng.integers(count[0], count[1] + 1))):
         kind = rng.random()
         x = rng.uniform(-0.1, 1.1, size=4) * size
         if kind < 0.5:
@@ -376,6 +402,7 @@ def _manifest(spec: SyntheticSpec) -> dict:
     return {
         "format": _FORMAT,
         "version": GENERATOR_VERSION,
+        "preset": spec.preset,
         "params": asdict(spec),
         "class_names": spec.class_names,
         "pairs": spec.pairs,
@@ -392,7 +419,12 @@ def _read_manifest(out_dir: Path) -> dict | None:
 
 def _is_complete(out_dir: Path, spec: SyntheticSpec) -> bool:
     m = _read_manifest(out_dir)
-    return m is not None and m.get("version") == GENERATOR_VERSION and m.get("params") == asdict(spec)
+    return m is not None and m.get("version") == GENERATOR_VERSION and m.get("params") == _jsonable(asdict(spec))
+
+
+def _jsonable(obj):
+    """``obj`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(obj))
 
 
 def _remove_stale_partials(out_dir: Path) -> None:
@@ -429,21 +461,55 @@ def _write_set(spec: SyntheticSpec, root: Path) -> None:
     (root / MANIFEST).write_text(json.dumps(_manifest(spec), indent=2) + "\n", encoding="utf-8")
 
 
-def make_synthetic(
-    out_dir: str | os.PathLike,
-    n_train: int = 2000,
-    n_test: int = 500,
-    image_size: int = 128,
-    num_classes: int = 20,
-    seed: int = 0,
-) -> Path:
-    """Write the synthetic set to ``out_dir`` (VOC layout, see the module docstring); return ``out_dir``.
+#: Named parameter sets (SyntheticSpec fields). ``hard``: small objects (6-20 px at 128 px), 1-5
+#: distractors, dense clutter -- the set for ``c2f ablate``, on which the variants differ. ``demo``:
+#: larger objects, fewer distractors and clutter lines, more images -- calibrated by measurement so
+#: that the demo run (variant lstm_lg, tiny backbone) reaches test mAP >= 0.90 and a pointing game
+#: >= 0.6 in minutes on 2 CPU cores.
+PRESETS: dict[str, dict] = {
+    "hard": dict(n_train=2000, n_test=500, object_size=(6.0, 20.0), distractors=(1, 5), clutter=(5, 14),
+                 max_cover=0.35, p_near=0.4),
+    "demo": dict(n_train=4000, n_test=500, object_size=(14.0, 30.0), distractors=(0, 2), clutter=(2, 8),
+                 max_cover=0.2, p_near=0.25),
+}
+_LEGACY_ARGS = ("n_train", "n_test", "image_size", "num_classes", "seed")
+
+
+def preset_spec(preset: str = "hard", **overrides) -> SyntheticSpec:
+    """The ``SyntheticSpec`` of a preset with some fields overridden (``None`` values are ignored,
+    so a command line can pass its unset options through)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    fields = set(SyntheticSpec.__dataclass_fields__) - {"preset"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown synthetic-set parameter(s) {unknown}; expected some of {sorted(fields)}")
+    params = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return SyntheticSpec(preset=preset, **params)
+
+
+def make_synthetic(out_dir: str | os.PathLike, preset: str | int = "hard", *legacy: int, **overrides) -> Path:
+    """Write the synthetic set of ``preset`` ("hard" or "demo", see ``PRESETS``) to ``out_dir`` (VOC
+    layout, see the module docstring); return ``out_dir``.
+
+    ``overrides`` replace preset fields (``n_train``, ``n_test``, ``image_size``, ``num_classes``,
+    ``seed``, ``object_size``, ...; ``None`` = keep the preset's). The old positional form
+    ``make_synthetic(out_dir, n_train, n_test, image_size, num_classes, seed)`` still works (preset "hard").
 
     Returns at once when ``out_dir`` already holds a complete set of this generator version with the
-    same parameters. A set of other parameters in ``out_dir`` is replaced; any other non-empty
-    directory is refused (``ValueError``), never overwritten.
+    same preset and parameters. A set of another preset or other parameters in ``out_dir`` is
+    replaced; any other non-empty directory is refused (``ValueError``), never overwritten.
     """
-    spec = SyntheticSpec(n_train=n_train, n_test=n_test, image_size=image_size, num_classes=num_classes, seed=seed)
+    if not isinstance(preset, str):  # legacy positional call: n_train, n_test, ...
+        legacy = (preset, *legacy)
+        preset = "hard"
+    if len(legacy) > len(_LEGACY_ARGS):
+        raise TypeError(f"make_synthetic: at most {len(_LEGACY_ARGS)} positional parameters {_LEGACY_ARGS}")
+    for name, value in zip(_LEGACY_ARGS, legacy):
+        if name in overrides:
+            raise TypeError(f"make_synthetic: {name} given twice")
+        overrides[name] = value
+    spec = preset_spec(preset, **overrides)
     out_dir = Path(out_dir).absolute()
     if _is_complete(out_dir, spec):
         return out_dir
@@ -477,14 +543,18 @@ def make_synthetic(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m c2f_fast.data.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-test", type=int, default=500)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--num-classes", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="hard")
+    parser.add_argument("--n-train", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--n-test", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--image-size", type=int, default=None, help="default: 128")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: 20")
+    parser.add_argument("--seed", type=int, default=None, help="default: 0")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    out = make_synthetic(args.out_dir, args.n_train, args.n_test, args.image_size, args.num_classes, args.seed)
+    out = make_synthetic(
+        args.out_dir, args.preset, n_train=args.n_train, n_test=args.n_test, image_size=args.image_size,
+        num_classes=args.num_classes, seed=args.seed,
+    )
     print(f"synthetic set at {out} ({time.perf_counter() - t0:.1f} s)")
 
 
