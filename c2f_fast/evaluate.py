@@ -89,6 +89,42 @@ def run_eval(
                       duplicates=int(all_indices.numel() - uniq.size))
 
 
+class DatasetPointing:
+    """The pointing game over a data set's test images, for :func:`evaluate`: each batch's output
+    is scored against the images' boxes (scaled from their original sizes to the input size), and
+    the counts of all processes are summed at the end."""
+
+    def __init__(self, dataset, image_size: int):
+        from .pointing import original_sizes
+
+        self.dataset, self.image_size = dataset, image_size
+        self.sizes = original_sizes(dataset.image_paths)  # headers only, once
+        self.reset()
+
+    def reset(self) -> None:
+        from .pointing import PointingGame
+
+        self.game = PointingGame(self.dataset.num_classes, self.image_size,
+                                 class_names=list(self.dataset.class_names))
+
+    def update(self, out, indices: torch.Tensor, targets: torch.Tensor) -> None:
+        idx = indices.cpu().tolist()
+        self.game.update(out.step_logits, out.local_attn, out.global_attn,
+                         [self.dataset.boxes[i] for i in idx], [self.sizes[i] for i in idx], targets.cpu())
+
+    def result(self, info: DistInfo):
+        games = all_gather_objects(info, self.game)
+        total = games[0]
+        for other in games[1:]:
+            total.merge(other)
+        return total.result()
+
+
+def pointing_for(dataset, image_size: int) -> Optional[DatasetPointing]:
+    """A pointing-game accumulator when the data set has boxes, else None."""
+    return DatasetPointing(dataset, image_size) if any(dataset.boxes) else None
+
+
 def evaluate(
     model: torch.nn.Module,
     loader,
@@ -110,13 +146,13 @@ def evaluate(
     metrics["duplicates"] = out.duplicates
     if pointing is not None:
         result = pointing.result(info)
-        metrics.update(result.summary())
+        metrics["pointing_local"], metrics["pointing_global"] = result.local, result.global_
         metrics["pointing"] = result.to_dict()
     metrics["seconds"] = time.perf_counter() - t0
     return metrics
 
 
-__all__ = ["EvalOutput", "evaluate", "pad_batch", "run_eval"]
+__all__ = ["DatasetPointing", "EvalOutput", "evaluate", "evaluate_checkpoint", "pad_batch", "pointing_for", "run_eval"]
 
 
 def evaluate_checkpoint(path, overrides=(), which: str = "best") -> dict[str, Any]:
@@ -127,7 +163,7 @@ def evaluate_checkpoint(path, overrides=(), which: str = "best") -> dict[str, An
     from .checkpoint import load_checkpoint, load_model, resolve_weights
     from .config import load_config
     from .distributed import init_distributed, shutdown
-    from .train import CONFIG_FILE, _pointing_game, build_loaders, load_datasets, resolve_settings
+    from .train import CONFIG_FILE, build_loaders, load_datasets, resolve_settings
 
     weights, meta_path = resolve_weights(path, which)
     config_file = weights.parent / CONFIG_FILE
@@ -146,7 +182,7 @@ def evaluate_checkpoint(path, overrides=(), which: str = "best") -> dict[str, An
                              f"data's {len(test_set.class_names)} ({cfg.data.root})")
         cfg.model.image_size = meta["model"]["image_size"]
         _, test_loader = build_loaders(cfg, None, test_set, info, settings)
-        pointing = _pointing_game(test_set, model.cfg) if any(test_set.boxes) else None
+        pointing = pointing_for(test_set, model.cfg.image_size)
         batch = cfg.data.eval_batch_size or cfg.data.batch_size
         return evaluate(model, test_loader, info, batch, settings.autocast, False, pointing)
     finally:

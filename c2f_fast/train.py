@@ -32,7 +32,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import TrainConfig, data_root
 from .distributed import DistInfo, all_gather_objects, any_rank, barrier, init_distributed, shutdown
-from .evaluate import evaluate
+from .evaluate import evaluate, pointing_for
 from .labels import class_frequency_order, label_sequences
 from .losses import c2f_loss
 from .model import C2FNet
@@ -422,7 +422,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
     peak = _peak_flops(settings.device)
     flops_per_image = (training_flops_per_image(model, model_cfg.image_size, settings.device,
                                                 cfg.optim.feed == "teacher") if peak else None)
-    pointing = _pointing_game(test_set, model_cfg) if test_set.boxes and any(test_set.boxes) else None
+    pointing = pointing_for(test_set, model_cfg.image_size)
 
     runlog = RunLog(run_dir / LOG_FILE, info.is_main)
     out.print(f"training {model_cfg.variant}/{model_cfg.backbone} on {len(train_set)} images "
@@ -541,19 +541,9 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
     return summary
 
 
-def _pointing_game(test_set, model_cfg):
-    try:
-        from .pointing import PointingGame
-    except ImportError:
-        return None
-    return PointingGame.for_dataset(test_set, model_cfg)
-
-
 def _plot_curves(run_dir: Path) -> None:
-    try:
-        from .visualize import training_curves
-    except ImportError:
-        return
+    from .visualize import training_curves
+
     try:
         training_curves(run_dir / LOG_FILE, run_dir / CURVES_FILE)
     except Exception as exc:  # a plot must never cost a finished run
