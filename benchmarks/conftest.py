@@ -1,0 +1,94 @@
+"""Benchmark-session setup: the sizes fixture, and at the end of the session the ratios to the
+baselines measured in the same run, the autotune winners, and the compact table (printed last).
+
+Run: ``python -m pytest benchmarks --benchmark-only`` (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from benchmarks import _bench
+
+_PROFILE = _bench.make_profile()
+if _PROFILE.threads:
+    torch.set_num_threads(_PROFILE.threads)
+
+
+@pytest.fixture(scope="session")
+def profile() -> _bench.Profile:
+    return _PROFILE
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_free():
+    torch.manual_seed(0)
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _profile_name() -> str:
+    return _PROFILE.name
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Before pytest-benchmark writes its JSON: ratios into every case's extra_info."""
+    if not _bench.RESULTS:
+        return
+    _bench.finalise(_bench.RESULTS)
+    out = os.environ.get("C2F_BENCH_OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        name = _profile_name()
+        with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(_bench.summary_json(_bench.RESULTS, name), f, indent=2, default=str)
+        with open(os.path.join(out, "table.txt"), "w", encoding="utf-8") as f:
+            f.write(_bench.table(_bench.RESULTS, name) + "\n")
+    if torch.cuda.is_available():
+        from benchmarks import autotune_report
+
+        report = autotune_report.collect()
+        session.config._c2f_autotune = report
+        if out:
+            with open(os.path.join(out, "autotune.json"), "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2, default=str)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """The environment, the goals and their status, in the ``--benchmark-json`` file too."""
+    if _bench.RESULTS:
+        name = _profile_name()
+        output_json["c2f"] = {
+            "environment": _bench.environment(),
+            "profile": name,
+            "goals": _bench.evaluate_goals(_bench.RESULTS, name),
+            "autotune": getattr(config, "_c2f_autotune", None),
+        }
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _bench.RESULTS:
+        return
+    tr = terminalreporter
+    report = getattr(config, "_c2f_autotune", None)
+    if report:
+        from benchmarks import autotune_report
+
+        tr.write_sep("-", "Triton autotune winners")
+        tr.write_line(autotune_report.format_report(report))
+    env = _bench.environment()
+    tr.write_sep("=", "c2f benchmarks (ratio = case rate / baseline rate, same session)")
+    tr.write_line(
+        f"{env['device']}; torch {env['torch']}, triton {env['triton']}, DALI {env['dali']}, "
+        f"torchvision {env['torchvision']}; {env['torch_threads']} torch thread(s); {env['date']}; "
+        f"load average {tuple(round(x, 2) for x in env['loadavg'] or ())}"
+    )
+    tr.write_line(_bench.table(_bench.RESULTS, _profile_name()))
