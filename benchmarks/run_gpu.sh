@@ -63,7 +63,7 @@ fi
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(nproc)}
 
 echo "== GPU tests ($(left) s left)"
-timeout -s INT -k 10 100 python -m pytest tests -m gpu -x -q -p no:cacheprovider > "$OUT/tests_gpu.log" 2>&1
+timeout -s INT -k 10 75 python -m pytest tests -m gpu -x -q -p no:cacheprovider > "$OUT/tests_gpu.log" 2>&1
 echo "tests -m gpu: exit $? ($(tail -n 1 "$OUT/tests_gpu.log"))"
 
 # The suite gets what is left, less a minute for the rest of the tests and the table.

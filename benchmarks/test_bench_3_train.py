@@ -68,7 +68,10 @@ def test_train_step(benchmark, profile, variant):
         return loss
 
     baselines = ("train/ref_fp32_eager",) if variant != "ref_fp32_eager" else ()
-    rounds = dict(rounds=8, warmup=2, prewarm=3) if profile.cuda else dict(rounds=5, warmup=1, prewarm=2)
+    if profile.cuda:  # the eager fp32 reference is ~1 s a step at batch 256: fewer rounds
+        rounds = dict(rounds=8, warmup=2, prewarm=3) if compiled else dict(rounds=5, warmup=1, prewarm=1)
+    else:
+        rounds = dict(rounds=5, warmup=1, prewarm=2)
     measure(benchmark, profile, call, case=f"train/{variant}", group="training step",
             sizes=sizes_str(backbone=profile.backbone, S=S, B=B, T=profile.T, C=C, prec=precision),
             baselines=baselines, items=B, flops=flops_per_image * B,
