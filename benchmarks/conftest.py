@@ -51,7 +51,18 @@ GOAL_CASES_GPU = (
 )
 
 
+GOAL_CASES_CPU = ("test_data[torch]", "test_data[dali]", "test_decoder[ref_eager]", "test_decoder[ref_compiled]")
+
+
 def pytest_collection_modifyitems(session, config, items):
+    """GPU: goal cases first. ``C2F_BENCH_GOALS_ONLY=1``: only the cases the goals need."""
+    goal_cases = GOAL_CASES_GPU if _PROFILE.name == "gpu" else GOAL_CASES_CPU
+    if os.environ.get("C2F_BENCH_GOALS_ONLY", "") not in ("", "0"):
+        keep = [item for item in items if item.name in goal_cases or "benchmarks" not in str(item.path)]
+        dropped = [item for item in items if item not in keep]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = keep
     if _PROFILE.name != "gpu":
         return
     first = {name: i for i, name in enumerate(GOAL_CASES_GPU)}

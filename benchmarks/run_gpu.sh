@@ -13,6 +13,7 @@
 # 5. the compact table, printed last (rebuilt from cases.jsonl, so a suite cut short by its
 #    time limit still reports every case it measured).
 #
+# C2F_BENCH_GOALS_ONLY=1 runs only the cases the goals need (for a very short loan).
 # Without DALI the DALI data case skips and data/tv_decode_jpeg (torchvision nvJPEG) stands in;
 # every data result names its decoder (extra_info["decoder"]).
 set -u -o pipefail
