@@ -1,0 +1,67 @@
+"""Case 6: inference through ``c2f_fast.infer.C2FClassifier`` from decoded, normalised tensors
+(``classifier(images) -> scores``): batch-1 latency and batch-256 throughput (CPU: batch 64),
+eager against compiled.
+
+The checkpoint (random weights of the profile's model: VGG-16 at 224 px on the GPU, ``tiny`` at
+128 px on the CPU) is written once per session with ``save_weights`` + ``write_model_json``, as
+training writes it, and loaded with ``C2FClassifier.from_checkpoint(dir, device, dtype=None,
+compile=...)``: on CUDA bf16 autocast and the Triton decoder, on the CPU fp32 and the reference
+decoder. ``model_batch`` (images per model call) is set to the benchmark's batch when the
+classifier accepts it, so batch 1 runs a batch of 1 rather than a zero-padded default batch.
+Greedy decoding over all T steps (the stop rule does not shorten the static loop).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from benchmarks._bench import measure, sizes_str
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory, profile):
+    from c2f_fast.checkpoint import save_weights, write_model_json
+    from c2f_fast.model import C2FNet, ModelConfig
+
+    cfg = ModelConfig(variant="lstm_lg", backbone=profile.backbone, num_classes=profile.C, steps=profile.T,
+                      hidden=profile.H, embed=profile.E, attn=profile.A, image_size=profile.image_size)
+    torch.manual_seed(0)
+    model = C2FNet(cfg)
+    folder = tmp_path_factory.mktemp("checkpoint")
+    save_weights(folder / "best.safetensors", model)
+    names = [f"class{i}" for i in range(profile.C)]
+    write_model_json(folder, {"model": cfg.to_dict(), "class_names": names, "class_order": list(range(profile.C))})
+    return folder
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("batch", ["b1", "bN"])
+def test_infer(benchmark, profile, checkpoint_dir, batch, compiled):
+    infer = pytest.importorskip("c2f_fast.infer", reason="c2f_fast.infer (C2FClassifier) is not in this checkout yet")
+    C2FClassifier = infer.C2FClassifier
+    B = 1 if batch == "b1" else profile.infer_batch
+    kwargs = {}
+    if "model_batch" in inspect.signature(C2FClassifier.from_checkpoint).parameters:
+        kwargs["model_batch"] = B
+    clf = C2FClassifier.from_checkpoint(checkpoint_dir, device=profile.device, dtype=None, compile=compiled, **kwargs)
+    S = profile.image_size
+    images = torch.randn(B, 3, S, S, device=profile.device)
+
+    def call():
+        with torch.inference_mode():
+            return clf(images)
+
+    name = f"infer/b{B}/{'compiled' if compiled else 'eager'}"
+    baselines = (f"infer/b{B}/eager",) if compiled else ()
+    rounds = dict(rounds=20 if B == 1 else 8, warmup=3, prewarm=3) if profile.cuda else \
+        dict(rounds=15 if B == 1 else 5, warmup=1, prewarm=2)
+    measure(benchmark, profile, call, case=name, group=f"inference batch {B}",
+            sizes=sizes_str(backbone=profile.backbone, S=S, B=B, T=profile.T, C=profile.C,
+                            dtype=str(getattr(clf, "dtype", "?")).replace("torch.", "")),
+            baselines=baselines, items=B,
+            extra={"model_batch": getattr(clf, "model_batch", None),
+                   "fast_kernels": getattr(getattr(clf, "model", None), "cfg", None) and clf.model.cfg.fast_kernels},
+            **rounds)
