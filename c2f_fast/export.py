@@ -274,7 +274,7 @@ def export_model(
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The arguments of ``c2f export`` (the caller sets ``func=export_command``)."""
+    """The arguments of ``c2f export``; also sets ``func=export_command`` as the parser default."""
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="a run folder, a .safetensors file with model.json beside it, or checkpoint.pt")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="format",
@@ -288,6 +288,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help=f"max abs score difference allowed (default {DEFAULT_TOLERANCE:g}, fp32)")
     parser.add_argument("--weights", default="best", choices=["best", "final"],
                         help="which weights of a run folder (default: best)")
+    parser.set_defaults(func=export_command)
     return parser
 
 

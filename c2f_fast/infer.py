@@ -22,11 +22,15 @@ The weights stay fp32 in every case; a 16-bit ``dtype`` is the autocast compute 
 training and evaluation.
 
 Batch-size independence: the model always runs on batches of exactly ``model_batch`` images
-(default 8 on the CPU, 32 on CUDA), the last one padded with zeros. CPU conv/matmul kernels pick
-their algorithm and blocking from the shapes, the batch included (batch 1 vs 16 differ in the last
-bits of float32), but with one fixed shape each image's row is computed the same way wherever it
-sits in the batch: an image's prediction is bit-identical whatever ``batch_size`` or list it comes
-in (checked by ``tests/test_infer.py``). The fixed shape also means one compiled graph.
+(default 16 on the CPU, 32 on CUDA), the last one padded with zeros. CPU conv/matmul kernels pick
+their algorithm and blocking from the shapes, the batch included (batch 1 and batch 16 differ in
+the last bits of float32), and SIMD loops finish a tensor's last ``numel % 16`` elements with scalar
+code that rounds differently; with one fixed shape, a multiple of 16 images, each image's row is
+computed the same way wherever it sits in the batch. So an image's prediction is bit-identical
+whatever ``batch_size``, list or position it comes in (``tests/test_infer.py`` checks batch sizes
+1, 7 and 64 for exact equality). The fixed shape also means one compiled graph. The price is
+latency for a lone image (it runs with 15 zero images on the CPU); for single-image latency use
+``model_batch=1`` (every image alone: still independent of the batch size, slower per image).
 
 Thread safety: ``predict`` and ``forward`` may be called from several threads at once. Decoding
 and preprocessing run in the calling threads; the model itself runs one batch at a time under a
@@ -405,6 +409,8 @@ class C2FClassifier(nn.Module):
                 out[k] = (src, self._resize(image.unsqueeze(0))[0])
             except _ItemError as err:
                 out[k] = (src, err)
+            except Exception as err:  # noqa: BLE001 -- whatever else: this item only
+                out[k] = (src, _ItemError(src, f"cannot read or resize it: {type(err).__name__}: {_first_line(err)}"))
         if gpu_jpegs:
             for k, image in zip((k for k, _ in gpu_jpegs), self._decode_gpu([d for _, d in gpu_jpegs], [chunk[k][0] for k, _ in gpu_jpegs])):
                 src = chunk[k][0]
@@ -584,7 +590,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The arguments of ``c2f predict`` (the caller sets ``func=predict_command``)."""
+    """The arguments of ``c2f predict``; also sets ``func=predict_command`` as the parser default."""
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, ...)")
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="a run folder, a .safetensors file with model.json beside it, or checkpoint.pt")
@@ -601,6 +607,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--weights", default="best", choices=["best", "final"],
                         help="which weights of a run folder (default: best)")
+    parser.set_defaults(func=predict_command)
     return parser
 
 

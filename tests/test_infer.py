@@ -19,6 +19,7 @@ from c2f_fast.data.loaders import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig
 from c2f_fast.data.torch_pipeline import ImageFileDataset, decode_rgb
 from c2f_fast.infer import C2FClassifier, Prediction, add_predict_arguments, predict_command
 from c2f_fast.model import C2FNet, ModelConfig, greedy_emissions
+from conftest import requires_cuda
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
@@ -208,6 +209,9 @@ def test_batch_size_does_not_change_results(run):
     images = clf.preprocess([decode_rgb(str(p)) for p in inputs])
     assert torch.equal(torch.cat([clf(images[i:i + 1]) for i in range(19)]),
                        torch.cat([clf(images[i:i + 7]) for i in range(0, 19, 7)]))
+    # model_batch=1 (for latency): every image runs alone, so again independent of batch_size
+    alone = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", model_batch=1)
+    same(alone.predict(inputs[:8], batch_size=1), alone.predict(inputs[:8], batch_size=7), sources=True)
 
 
 def test_concurrent_predict_from_threads(run):
@@ -280,6 +284,28 @@ def test_lazy_package_export():
     assert c2f_fast.Prediction is Prediction
     with pytest.raises(AttributeError):
         c2f_fast.does_not_exist  # noqa: B018
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_defaults_and_agreement_with_the_cpu(run):
+    """CUDA defaults: bf16 autocast, torch.compile, the Triton kernels; JPEGs decoded by nvJPEG.
+    Scores within bf16 accuracy of the fp32 CPU reference; batch-size independent (fixed shape)."""
+    clf = C2FClassifier.from_checkpoint(run["run_dir"])
+    assert clf.device.type == "cuda" and clf.dtype == torch.bfloat16 and clf.compiled
+    assert clf.model.cfg.fast_kernels and clf.model_batch == 32
+    paths = run["paths"]
+    inputs = [paths[(3 * i) % len(paths)] for i in range(19)]
+    cpu = run["clf"].predict(inputs)
+    one, seven = clf.predict(inputs, batch_size=1), clf.predict(inputs, batch_size=7)
+    same(one, seven, sources=True)
+    # tensors (resized on the GPU) and bytes (nvJPEG) agree with the CPU within bf16 + decoder noise
+    by_tensor = clf.predict([decode_rgb(str(p)).cuda() for p in inputs])
+    for p, q, r in zip(one, cpu, by_tensor):
+        assert max(abs(p.scores[c] - q.scores[c]) for c in CLASSES) < 0.03, (p.scores, q.scores)
+        assert max(abs(r.scores[c] - q.scores[c]) for c in CLASSES) < 0.03
+    x = clf.preprocess([decode_rgb(str(p)) for p in paths]).cuda()
+    assert clf(x).device.type == "cuda" and clf(x).dtype == torch.float32
 
 
 # ---------------------------------------------------------------- c2f predict
