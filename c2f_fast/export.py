@@ -35,7 +35,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -175,12 +175,14 @@ def _runner(fmt: str, path: Path):
     return lambda images: module(images)
 
 
-def _check_images(clf, images: Optional[Sequence[Any]], num_synthetic: int, seed: int) -> tuple[torch.Tensor, str]:
+def _check_images(clf, images: Any, num_synthetic: int, seed: int) -> tuple[torch.Tensor, str]:
     from .infer import _ItemError, _expand
 
     S = clf.image_size
-    if images:
-        loaded = clf._load(_expand(list(images)))
+    if images is not None:
+        loaded = clf._load(_expand(images))
+        if not loaded:
+            raise ValueError("--images: no images given")
         for source, image in loaded:
             if isinstance(image, _ItemError):
                 raise ValueError(f"--images: {source}: {image.problem}")
@@ -196,7 +198,7 @@ def export_model(
     fmt: str,
     out: str | os.PathLike,
     *,
-    images: Optional[Sequence[Any]] = None,
+    images: Any = None,
     num_synthetic: int = 4,
     tolerance: float = DEFAULT_TOLERANCE,
     which: str = "best",
@@ -204,7 +206,8 @@ def export_model(
 ) -> ExportReport:
     """Export the model at ``checkpoint`` (anything :meth:`C2FClassifier.from_checkpoint` reads) in
     format ``fmt`` ("onnx", "torchscript" or "exported") to ``out``, then check it (see the module
-    docstring). ``images``: inputs for the check (paths, bytes, PIL images, uint8 tensors); None →
+    docstring). ``images``: inputs for the check (one or a list of paths, bytes, PIL images, uint8
+    tensors, as :meth:`C2FClassifier.predict` takes); None →
     ``num_synthetic`` seeded random images. Returns the :class:`ExportReport` of a passed check.
 
     Raises ValueError for bad arguments or unreadable check images, ``CheckpointError`` for an

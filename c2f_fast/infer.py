@@ -50,7 +50,6 @@ import sys
 import threading
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
