@@ -46,6 +46,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import threading
 import warnings
@@ -187,9 +188,10 @@ class C2FClassifier(nn.Module):
             raise ValueError(f"model_batch: expected a positive integer, got {model_batch!r}")
         self.model_batch = model_batch
         self.model = model.to(self.device).eval()
-        shape = (1, 3, 1, 1)
-        self.register_buffer("_mean", torch.tensor([255.0 * m for m in IMAGENET_MEAN], device=self.device).view(shape), persistent=False)
-        self.register_buffer("_std", torch.tensor([255.0 * s for s in IMAGENET_STD], device=self.device).view(shape), persistent=False)
+        mean = torch.tensor([255.0 * m for m in IMAGENET_MEAN], device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor([255.0 * s for s in IMAGENET_STD], device=self.device).view(1, 3, 1, 1)
+        self.register_buffer("_mean", mean, persistent=False)
+        self.register_buffer("_std", std, persistent=False)
         if compile is None:
             compile = self.device.type == "cuda"
         self.compiled = bool(compile)
@@ -411,9 +413,14 @@ class C2FClassifier(nn.Module):
             except Exception as err:  # noqa: BLE001 -- whatever else: this item only
                 out[k] = (src, _ItemError(src, f"cannot read or resize it: {type(err).__name__}: {_first_line(err)}"))
         if gpu_jpegs:
-            for k, image in zip((k for k, _ in gpu_jpegs), self._decode_gpu([d for _, d in gpu_jpegs], [chunk[k][0] for k, _ in gpu_jpegs])):
+            indices = [k for k, _ in gpu_jpegs]
+            decoded = self._decode_gpu([d for _, d in gpu_jpegs], [chunk[k][0] for k in indices])
+            for k, image in zip(indices, decoded):
                 src = chunk[k][0]
-                out[k] = (src, image if isinstance(image, _ItemError) else self._resize(image.unsqueeze(0))[0])
+                try:
+                    out[k] = (src, image if isinstance(image, _ItemError) else self._resize(image.unsqueeze(0))[0])
+                except Exception as err:  # noqa: BLE001 -- this item only
+                    out[k] = (src, _ItemError(src, f"cannot resize it: {type(err).__name__}: {_first_line(err)}"))
         return out
 
     def _decode_gpu(self, datas: list[bytes], sources: list[str]) -> list[Any]:
@@ -581,8 +588,11 @@ def _to_uint8_chw(item: Any, source: str) -> torch.Tensor:
 
 
 def _first_line(err: BaseException) -> str:
+    """The first line of an error message, without torchvision's ``function, file.cpp:NN, `` prefix."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    if not text:
+        return type(err).__name__
+    return re.sub(r"^[^,\n]*, [^,\n]*\.cpp:\d+, ", "", text.splitlines()[0])
 
 
 # ---------------------------------------------------------------------- c2f predict
