@@ -6,3 +6,13 @@ of the top-level ``kernels`` package.
 """
 
 __version__ = "0.1.0"
+
+_LAZY = {"C2FClassifier": "infer", "Prediction": "infer", "export_model": "export"}
+
+
+def __getattr__(name):  # imported on first use: ``import c2f_fast`` stays light
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'c2f_fast' has no attribute {name!r}")

@@ -1,0 +1,151 @@
+"""c2f_fast.export: each format round-trips within tolerance; failures leave no file; `c2f export`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from c2f_fast import export as export_mod
+from c2f_fast.export import DEFAULT_TOLERANCE, ExportError, add_export_arguments, export_command, export_model
+from c2f_fast.infer import C2FClassifier
+
+from test_infer import make_image, write_run
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+_missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+needs_onnx = pytest.mark.skipif(bool(_missing), reason=f"ONNX export/check needs {', '.join(_missing)} "
+                                                       "(pip install -e .[dev])")
+FORMATS = [pytest.param("onnx", marks=needs_onnx), "torchscript", "exported"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    run_dir = root / "run"
+    run_dir.mkdir()
+    write_run(run_dir)
+    paths = []
+    for i, (h, w) in enumerate([(48, 80), (70, 64), (33, 41)]):
+        path = root / f"img{i}.jpg"
+        make_image(i, h, w).save(path, quality=90)
+        paths.append(path)
+    clf = C2FClassifier.from_checkpoint(run_dir, device="cpu")
+    return {"run_dir": run_dir, "paths": paths, "clf": clf}
+
+
+def load_and_run(fmt: str, path: Path, images: torch.Tensor):
+    """Run the saved file the way a user would, independently of export.py; also its metadata."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        scores, emissions = session.run(["scores", "emissions"], {"images": images.numpy()})
+        meta = session.get_modelmeta().custom_metadata_map["c2f_fast"]
+        return torch.from_numpy(scores), torch.from_numpy(emissions), json.loads(meta)
+    extra = {"model.json": ""}
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(str(path), _extra_files=extra)
+    else:
+        module = torch.export.load(path, extra_files=extra).module()
+    scores, emissions = module(images)
+    return scores, emissions, json.loads(extra["model.json"])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_within_tolerance(run, tmp_path, fmt):
+    clf = run["clf"]
+    out = tmp_path / "sub" / f"model.{fmt}"
+    report = export_model(run["run_dir"], fmt, out, images=run["paths"])
+    assert report.passed and report.emissions_equal
+    assert report.max_abs_diff <= DEFAULT_TOLERANCE
+    assert report.path == out and out.is_file()
+    assert "3 given image(s)" in report.inputs
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temp file left
+    # an independent load, another batch size (dynamic batch), real images
+    images = clf.preprocess([make_image(i, 50 + 9 * i, 64) for i in range(5)])
+    scores, emissions, meta = load_and_run(fmt, out, images)
+    ref_scores, ref_emissions = clf.decode(images)
+    assert (scores - ref_scores).abs().max().item() <= DEFAULT_TOLERANCE
+    assert torch.equal(emissions.long(), ref_emissions)
+    assert (ref_emissions >= 0).any()  # the check exercises emitted classes, not only stops
+    assert meta["class_names"] == clf.class_names and meta["image_size"] == 64
+    assert meta["model"]["fast_kernels"] is False
+
+
+def test_synthetic_images_when_none_given(run, tmp_path):
+    report = export_model(run["run_dir"], "exported", tmp_path / "m.pt2", num_synthetic=3)
+    assert report.passed
+    assert "3 synthetic random 64x64 images" in report.inputs and "no images given" in report.inputs
+
+
+def test_unexportable_model_leaves_no_file(run, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        Path(args[3]).write_bytes(b"half a file")  # a partial write before the failure
+        raise RuntimeError("this format cannot express aten::something")
+
+    monkeypatch.setattr(export_mod, "_export", fail)
+    out = tmp_path / "model.pt"
+    with pytest.raises(ExportError, match="torchscript: cannot export the model: RuntimeError: this format cannot"):
+        export_model(run["run_dir"], "torchscript", out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_check_leaves_no_file(run, tmp_path, monkeypatch):
+    real = export_mod._runner
+
+    def perturbed(fmt, path):
+        inner = real(fmt, path)
+        return lambda images: ((lambda s, e: (s + 1e-3, e))(*inner(images)))
+
+    monkeypatch.setattr(export_mod, "_runner", perturbed)
+    out = tmp_path / "model.pt2"
+    with pytest.raises(ExportError, match="check FAILED") as info:
+        export_model(run["run_dir"], "exported", out)
+    assert info.value.report is not None and not info.value.report.passed
+    assert info.value.report.max_abs_diff == pytest.approx(1e-3, rel=1e-2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser(prog="c2f export")
+    add_export_arguments(parser)
+    code = export_command(parser.parse_args(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_export_command(run, tmp_path, capsys, monkeypatch):
+    run_dir = str(run["run_dir"])
+    out = tmp_path / "m.pt"
+    code, stdout, err = run_cli(["--checkpoint", run_dir, "--format", "torchscript", "--out", str(out),
+                                 "--num-images", "2"], capsys)
+    assert code == 0, err
+    assert f"exported TorchScript to {out}" in stdout
+    assert "check OK" in stdout and "max |score diff| = " in stdout and "synthetic random" in stdout
+    assert out.is_file()
+
+    code, _, err = run_cli(["--checkpoint", str(tmp_path / "nope"), "--format", "onnx", "--out",
+                            str(tmp_path / "x.onnx")], capsys)
+    assert code == 2 and "--checkpoint" in err and "nope" in err
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    code, _, err = run_cli(["--checkpoint", run_dir, "--format", "exported", "--out", str(tmp_path / "y.pt2"),
+                            "--images", str(bad)], capsys)
+    assert code == 2 and "--images" in err and "bad.jpg" in err
+    assert not (tmp_path / "y.pt2").exists()
+
+    monkeypatch.setattr(export_mod, "_export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no op for X")))
+    code, stdout, err = run_cli(["--checkpoint", run_dir, "--format", "exported", "--out", str(tmp_path / "z.pt2")],
+                                capsys)
+    assert code == 1 and "cannot export the model" in err and "no op for X" in err
+    assert not (tmp_path / "z.pt2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jpg", "m.pt"]

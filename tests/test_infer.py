@@ -1,0 +1,361 @@
+"""c2f_fast.infer: C2FClassifier (inputs, errors, batch-size independence, threads) and `c2f predict`."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from c2f_fast import checkpoint
+from c2f_fast.data.images import BadImageError
+from c2f_fast.data.loaders import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig
+from c2f_fast.data.torch_pipeline import ImageFileDataset, decode_rgb
+from c2f_fast.infer import C2FClassifier, Prediction, add_predict_arguments, predict_command
+from c2f_fast.model import C2FNet, ModelConfig, greedy_emissions
+from conftest import requires_cuda
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+CLASSES = ["cat", "dog", "car", "tree", "boat"]
+
+
+def tiny_config() -> ModelConfig:
+    return ModelConfig(variant="lstm_lg", backbone="tiny", num_classes=5, steps=3, hidden=32, embed=16,
+                       attn=32, image_size=64)
+
+
+def write_run(run_dir: Path, seed: int = 0) -> C2FNet:
+    """A small trained-looking run folder: best.safetensors + model.json. The prediction bias makes
+    some classes pass 0.5 so that labels and greedy steps are not empty."""
+    torch.manual_seed(seed)
+    cfg = tiny_config()
+    model = C2FNet(cfg).eval()
+    with torch.no_grad():
+        model.predict.bias.copy_(torch.tensor([2.0, 0.8, 0.05, -0.5, -3.0]))
+    checkpoint.save_weights(run_dir / "best.safetensors", model)
+    checkpoint.write_model_json(run_dir, {"model": cfg.to_dict(), "class_names": CLASSES,
+                                          "class_order": [0, 1, 2, 3, 4]})
+    return model
+
+
+def make_image(i: int, h: int, w: int) -> Image.Image:
+    rng = np.random.default_rng(100 + i)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([(x * (3 + i)) % 256, (y * (5 + 2 * i)) % 256, ((x + y) * (1 + i)) % 256], axis=-1)
+    noise = rng.integers(0, 60, size=(h, w, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    run_dir = root / "run"
+    run_dir.mkdir()
+    model = write_run(run_dir)
+    sizes = [(48, 80), (64, 64), (97, 51), (30, 40), (64, 64), (120, 90)]
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        ext = ".png" if i == 3 else ".jpg"  # one PNG among the JPEGs
+        path = root / f"img{i}{ext}"
+        make_image(i, h, w).save(path, **({"quality": 90} if ext == ".jpg" else {}))
+        paths.append(path)
+    clf = C2FClassifier.from_checkpoint(run_dir, device="cpu")
+    return {"root": root, "run_dir": run_dir, "model": model, "paths": paths, "clf": clf}
+
+
+def same(a: list[Prediction], b: list[Prediction], sources: bool = False) -> None:
+    assert len(a) == len(b)
+    for p, q in zip(a, b):
+        assert p.error is None and q.error is None, (p.error, q.error)
+        assert p.labels == q.labels
+        assert p.step_labels == q.step_labels
+        assert p.scores == q.scores  # exact: the same pixels, the same fixed model batch
+        if sources:
+            assert p.source == q.source
+
+
+# ---------------------------------------------------------------- the classifier
+
+
+def test_defaults_and_attributes(run):
+    clf = run["clf"]
+    assert clf.class_names == CLASSES
+    assert clf.image_size == 64
+    assert clf.device == torch.device("cpu")
+    assert clf.dtype == torch.float32
+    assert not clf.compiled
+    assert not clf.model.cfg.fast_kernels
+    assert isinstance(clf, torch.nn.Module)
+    # the compiled runner is not a registered submodule: one copy of the weights in the state dict
+    assert set(clf.state_dict()) == {f"model.{k}" for k in run["model"].state_dict()}
+
+
+def test_predict_matches_the_model_and_the_eval_preprocessing(run):
+    """Scores are C2FNet's greedy p-hat on the evaluation loader's preprocessing; step labels are
+    greedy_emissions; labels are the classes with score >= 0.5, best first."""
+    clf, paths = run["clf"], run["paths"]
+    preds = clf.predict(paths)
+    config = LoaderConfig(batch_size=1, train=False, image_size=64, device=torch.device("cpu"), num_workers=0,
+                          shard_id=0, num_shards=1, seed=0, dtype=torch.float32, crop_scale=(0.25, 1.0),
+                          crop_ratio=(0.75, 4 / 3), prefetch=2)
+    dataset = ImageFileDataset([str(p) for p in paths], config)
+    uint8 = torch.stack([dataset[(i, 0)][0] for i in range(len(paths))])
+    mean = torch.tensor([255.0 * m for m in IMAGENET_MEAN]).view(1, 3, 1, 1)
+    std = torch.tensor([255.0 * s for s in IMAGENET_STD]).view(1, 3, 1, 1)
+    images = uint8.float().sub_(mean).div_(std)
+    assert torch.equal(clf.preprocess(list(uint8)), images)
+    with torch.no_grad():
+        out = run["model"](images)
+    emitted = greedy_emissions(out.step_logits)
+    got = torch.tensor([[p.scores[c] for c in CLASSES] for p in preds])
+    # the reference runs batch 6, the classifier a padded batch of 16: the last bits may differ
+    torch.testing.assert_close(got, out.scores, rtol=0, atol=1e-6)
+    for p, row, em in zip(preds, out.scores, emitted):
+        assert p.step_labels == [CLASSES[e] if e >= 0 else None for e in em.tolist()]
+        expected = sorted((c for c in range(5) if row[c] >= 0.5), key=lambda c: -row[c].item())
+        assert p.labels == [CLASSES[c] for c in expected]
+        assert p.source.startswith(str(run["root"]))
+    assert any(p.labels for p in preds) and any(None in p.step_labels or len(p.labels) < 5 for p in preds)
+    # forward() gives the same scores as predict()
+    assert torch.equal(clf(images), got)
+
+
+def test_paths_bytes_pil_and_tensors_agree(run):
+    clf, paths = run["clf"], run["paths"]
+    by_path = clf.predict([str(p) for p in paths])
+    same(by_path, clf.predict(paths))  # Path objects
+    same(by_path, clf.predict([p.read_bytes() for p in paths]))
+    same(by_path, clf.predict([Image.open(p) for p in paths]))
+    tensors = [decode_rgb(str(p)) for p in paths]
+    same(by_path, clf.predict(tensors))
+    # images 1 and 4 are both 64x64: one batched tensor [2, 3, 64, 64]
+    batched = clf.predict(torch.stack([tensors[1], tensors[4]]))
+    same([by_path[1], by_path[4]], batched)
+    assert [p.source for p in batched] == ["tensor[0]", "tensor[1]"]
+    # a mix in one list
+    mixed = clf.predict([str(paths[0]), paths[1].read_bytes(), Image.open(paths[2]), tensors[3],
+                         torch.stack([tensors[4]]), paths[5]])
+    same(by_path, mixed)
+    assert mixed[1].source == f"bytes[1] ({paths[1].stat().st_size} bytes)"
+    assert mixed[2].source.startswith("PIL[2] RGB")
+    assert mixed[3].source == "tensor[3] 3x30x40"
+    assert mixed[4].source == "tensor[4][0]"
+    # a single item (not in a list)
+    same(by_path[:1], clf.predict(str(paths[0])))
+    # preprocess() of a uint8 batch and of PIL images gives the same batch
+    assert torch.equal(clf.preprocess([Image.open(p) for p in paths]), clf.preprocess(tensors))
+
+
+def test_bad_items_get_errors_and_the_rest_is_predicted(run, tmp_path):
+    clf, paths = run["clf"], run["paths"]
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"this is not an image at all" * 20)
+    truncated = tmp_path / "truncated.jpg"
+    data = paths[0].read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    corrupt_png = tmp_path / "corrupt.png"
+    png = paths[3].read_bytes()
+    corrupt_png.write_bytes(png[:40] + b"\x00" * (len(png) - 52) + png[-12:])  # IDAT zeroed, IEND kept
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    missing = tmp_path / "missing.jpg"
+    inputs = [paths[0], garbage, paths[1], truncated, corrupt_png, empty, missing, tmp_path, 42,
+              torch.zeros(3, 8, 8), b"\x89PNG\r\n\x1a\nbroken", paths[2]]
+    preds = clf.predict(inputs)
+    assert len(preds) == len(inputs)
+    good = clf.predict([paths[0], paths[1], paths[2]])
+    same([preds[0], preds[2], preds[11]], good)
+    expect = {
+        1: "garbage.jpg", 3: "truncated", 4: "corrupt.png", 5: "zero bytes", 6: "missing file", 7: "not a regular file",
+        8: "unsupported input type int", 9: "uint8", 10: "bytes[10]",
+    }
+    for k, what in expect.items():
+        p = preds[k]
+        assert p.error, (k, p)
+        assert p.labels == [] and p.scores == {} and p.step_labels == []
+        assert what in f"{p.source}: {p.error}", (k, p.source, p.error)
+    assert preds[6].source == str(missing)
+    assert preds[3].error.startswith("truncated JPEG")
+
+    with pytest.raises(BadImageError, match="garbage.jpg") as info:
+        clf.predict([paths[0], garbage, paths[1]], errors="raise")
+    assert info.value.path == str(garbage)
+    with pytest.raises(BadImageError, match="missing.jpg"):
+        clf.predict([missing], errors="raise")
+    with pytest.raises(ValueError, match=r"item\[1\] \(int\).*unsupported input type"):
+        clf.predict([paths[0], 42], errors="raise")
+
+
+def test_batch_size_does_not_change_results(run):
+    """Bit-identical: the model always runs on fixed batches of model_batch (16) images, padded,
+    so an image's row is computed the same way wherever it sits (see the infer module docstring).
+    19 inputs: more than one model batch, images at different positions in each run."""
+    clf, paths = run["clf"], run["paths"]
+    inputs = [paths[(3 * i) % len(paths)] for i in range(19)]
+    one = clf.predict(inputs, batch_size=1)
+    seven = clf.predict(inputs, batch_size=7)
+    same(one, seven, sources=True)
+    same(one, clf.predict(inputs, batch_size=64), sources=True)
+    for p in one:  # the same file at other positions: the same prediction
+        same([p], [one[inputs.index(Path(p.source))]])
+    # forward on batches of 1 and 7 as well
+    images = clf.preprocess([decode_rgb(str(p)) for p in inputs])
+    assert torch.equal(torch.cat([clf(images[i:i + 1]) for i in range(19)]),
+                       torch.cat([clf(images[i:i + 7]) for i in range(0, 19, 7)]))
+    # model_batch=1 (for latency): every image runs alone, so again independent of batch_size
+    alone = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", model_batch=1)
+    same(alone.predict(inputs[:8], batch_size=1), alone.predict(inputs[:8], batch_size=7), sources=True)
+
+
+def test_concurrent_predict_from_threads(run):
+    clf, paths = run["clf"], run["paths"]
+    inputs = [paths[i % len(paths)] for i in range(11)]
+    expected = clf.predict(inputs)
+    results: dict[int, list[Prediction]] = {}
+    failures: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def work(k: int) -> None:
+        try:
+            start.wait()
+            results[k] = clf.predict(inputs, batch_size=[1, 3, 5, 64][k])
+        except BaseException as err:  # noqa: BLE001 -- reported below
+            failures.append(err)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    for k in range(4):
+        same(expected, results[k], sources=True)
+
+
+def test_threshold_and_top_k(run):
+    clf, paths = run["clf"], run["paths"]
+    base = clf.predict(paths[:2])
+    for p in base:
+        ranked = sorted(CLASSES, key=lambda c: (-p.scores[c], CLASSES.index(c)))
+        for q in clf.predict([p.source], top_k=2):
+            assert q.labels == ranked[:2]
+        assert clf.predict([p.source], top_k=99)[0].labels == ranked  # top_k > C: every class
+        assert clf.predict([p.source], threshold=0.0)[0].labels == ranked
+        assert clf.predict([p.source], threshold=1.0)[0].labels == [c for c in ranked if p.scores[c] >= 1.0]
+        assert list(p.scores) == CLASSES
+    for bad in ({"threshold": 1.5}, {"top_k": 0}, {"batch_size": 0}, {"errors": "ignore"}):
+        with pytest.raises(ValueError):
+            clf.predict(paths[:1], **bad)
+
+
+def test_forward_checks_its_input(run):
+    clf = run["clf"]
+    with pytest.raises(ValueError, match=r"\[B, 3, 64, 64\]"):
+        clf(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="preprocess"):
+        clf(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    assert clf(torch.zeros(0, 3, 64, 64)).shape == (0, 5)
+    assert clf.predict([]) == []
+
+
+def test_checkpoint_layouts_give_the_same_model(run, tmp_path):
+    """A run folder, a .safetensors file (model.json beside it) and a training checkpoint.pt."""
+    run_dir, paths = run["run_dir"], run["paths"]
+    expected = run["clf"].predict(paths[:3])
+    same(expected, C2FClassifier.from_checkpoint(run_dir / "best.safetensors", device="cpu").predict(paths[:3]))
+    meta = json.loads((run_dir / "model.json").read_text())
+    checkpoint.save_checkpoint(tmp_path, {"meta": meta, "model": run["model"].state_dict()})
+    same(expected, C2FClassifier.from_checkpoint(tmp_path / "checkpoint.pt", device="cpu").predict(paths[:3]))
+    with pytest.raises(checkpoint.CheckpointError, match="no such file"):
+        C2FClassifier.from_checkpoint(tmp_path / "nope", device="cpu")
+
+
+def test_lazy_package_export():
+    import c2f_fast
+
+    assert c2f_fast.C2FClassifier is C2FClassifier
+    assert c2f_fast.Prediction is Prediction
+    with pytest.raises(AttributeError):
+        c2f_fast.does_not_exist  # noqa: B018
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_defaults_and_agreement_with_the_cpu(run):
+    """CUDA defaults: bf16 autocast, torch.compile, the Triton kernels; JPEGs decoded by nvJPEG.
+    Scores within bf16 accuracy of the fp32 CPU reference; batch-size independent (fixed shape)."""
+    clf = C2FClassifier.from_checkpoint(run["run_dir"])
+    assert clf.device.type == "cuda" and clf.dtype == torch.bfloat16 and clf.compiled
+    assert clf.model.cfg.fast_kernels and clf.model_batch == 32
+    paths = run["paths"]
+    inputs = [paths[(3 * i) % len(paths)] for i in range(19)]
+    cpu = run["clf"].predict(inputs)
+    one, seven = clf.predict(inputs, batch_size=1), clf.predict(inputs, batch_size=7)
+    same(one, seven, sources=True)
+    # tensors (resized on the GPU) and bytes (nvJPEG) agree with the CPU within bf16 + decoder noise
+    by_tensor = clf.predict([decode_rgb(str(p)).cuda() for p in inputs])
+    for p, q, r in zip(one, cpu, by_tensor):
+        assert max(abs(p.scores[c] - q.scores[c]) for c in CLASSES) < 0.03, (p.scores, q.scores)
+        assert max(abs(r.scores[c] - q.scores[c]) for c in CLASSES) < 0.03
+    x = clf.preprocess([decode_rgb(str(p)) for p in paths]).cuda()
+    assert clf(x).device.type == "cuda" and clf(x).dtype == torch.float32
+
+
+# ---------------------------------------------------------------- c2f predict
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser(prog="c2f predict")
+    add_predict_arguments(parser)
+    code = predict_command(parser.parse_args(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_predict_command(run, capsys, tmp_path):
+    run_dir, paths = run["run_dir"], run["paths"]
+    expected = run["clf"].predict(paths[:2])
+
+    code, out, err = run_cli(["--checkpoint", str(run_dir), "--device", "cpu", str(paths[0]), str(paths[1])], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2
+    for line, p in zip(lines, expected):
+        assert line.startswith(f"{p.source}: ")
+        for name in p.labels:
+            assert f"{name} {p.scores[name]:.3f}" in line
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 100)
+    code, out, err = run_cli(["--checkpoint", str(run_dir), "--device", "cpu", "--json", "--top-k", "2",
+                              str(paths[0]), str(bad), str(paths[1])], capsys)
+    assert code == 1
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["source"] for r in rows] == [str(paths[0]), str(bad), str(paths[1])]
+    assert rows[1]["error"] and rows[1]["labels"] == []
+    assert rows[0]["error"] is None and rows[0]["labels"] == sorted(
+        CLASSES, key=lambda c: -expected[0].scores[c])[:2]
+    assert rows[0]["scores"] == pytest.approx(expected[0].scores, abs=0)
+    assert rows[2]["step_labels"] == expected[1].step_labels
+    assert "1 of 3 image(s) could not be read" in err
+
+    code, out, err = run_cli(["--checkpoint", str(run_dir), "--device", "cpu", str(bad)], capsys)
+    assert code == 1 and out == ""
+    assert f"{bad}: error: " in err
+
+    code, out, err = run_cli(["--checkpoint", str(tmp_path / "no_such_run"), str(paths[0])], capsys)
+    assert code == 2 and "--checkpoint" in err and "no_such_run" in err and out == ""
+    code, _, err = run_cli(["--checkpoint", str(run_dir), "--top-k", "0", str(paths[0])], capsys)
+    assert code == 2 and "--top-k" in err
+    code, _, err = run_cli(["--checkpoint", str(run_dir), "--threshold", "2", str(paths[0])], capsys)
+    assert code == 2 and "--threshold" in err
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(["--checkpoint", str(run_dir), "--device", "cuda", str(paths[0])], capsys)
+        assert code == 2 and "CUDA is not available" in err
