@@ -197,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only these rows")
     abl.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     abl.set_defaults(func=_cmd_ablate)
+
+    from c2f_fast.export import add_export_arguments
+    from c2f_fast.infer import add_predict_arguments
+
+    add_predict_arguments(sub.add_parser(
+        "predict", help="labels and scores of image files with a trained model",
+        description="Predict the labels of image files (greedy decoding). An unreadable image is reported on "
+                    "its own line and the others are still predicted; the exit status is then 1."))
+    add_export_arguments(sub.add_parser(
+        "export", help="export the whole model (onnx, torchscript, exported) and check the file against it",
+        description="Export the model, greedy decoding included, load the file back, compare its scores with "
+                    "the module's on real or random images, and keep the file only if they agree."))
     return parser
 
 
