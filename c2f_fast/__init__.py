@@ -1,7 +1,7 @@
 """c2f_fast: Coarse-to-Fine global/local attention for multi-label image classification.
 
-The function the package computes is fixed by SPEC.md (shipped beside the project as
-``shared/SPEC.md``); the reference path is plain PyTorch, the fast path uses the Triton kernels
+The function the package computes is defined in ``docs/model.md`` (model, loss, metrics) and
+``docs/data.md`` (data conventions); the reference path is plain PyTorch, the fast path uses the Triton kernels
 of the top-level ``kernels`` package.
 """
 

@@ -1,7 +1,7 @@
 """Image encoders: ``(a, f_fc) = encoder(images)``.
 
 ``a`` is the last convolutional feature map flattened row-major to [B, L, D] (L = h·w), ``f_fc`` the
-image-level feature [B, F] (fc7 for VGG). SPEC.md, "Encoder".
+image-level feature [B, F] (fc7 for VGG). docs/model.md, "Encoder".
 """
 
 from __future__ import annotations

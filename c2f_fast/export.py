@@ -39,9 +39,8 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from .model import PAD, C2FNet
+from .model import C2FNet, greedy_emissions
 
 FORMATS = ("onnx", "torchscript", "exported")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
@@ -82,8 +81,8 @@ class ExportReport:
 class GreedyExport(nn.Module):
     """``images -> (scores, emissions)``: C2FNet's greedy decoding as one exportable graph.
 
-    ``emissions`` is :func:`c2f_fast.model.greedy_emissions` written with a cumulative sum instead
-    of ``cummax`` (the same values; CumSum has an ONNX operator)."""
+    ``emissions`` is :func:`c2f_fast.model.greedy_emissions`: the class each step emitted, -1 after
+    the stop."""
 
     def __init__(self, model: C2FNet) -> None:
         super().__init__()
@@ -91,27 +90,7 @@ class GreedyExport(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(images)
-        best, choice = out.step_logits.max(dim=2)
-        stopped = torch.cumsum((~(best >= 0)).to(torch.int32), dim=1) > 0
-        emissions = torch.where(stopped, torch.full_like(choice, PAD), choice)
-        return torch.sigmoid(out.logits), emissions
-
-
-class _TraceableScatter(TorchFunctionMode):
-    """``t.scatter(dim, index, True)`` → ``t.scatter(dim, index, ones_like(index, t.dtype))``.
-
-    The same values; ``torch.jit.trace`` cannot record a scatter (nor a ``full``) with a Python
-    bool scalar (an internal assert in its alias analysis), which the decoder's no-copy bookkeeping
-    uses."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if (func in (torch.Tensor.scatter, torch.scatter) and len(args) == 4 and not kwargs
-                and isinstance(args[3], bool)):
-            tensor, dim, index, value = args
-            src = (torch.ones_like if value else torch.zeros_like)(index, dtype=tensor.dtype)
-            return func(tensor, dim, index, src)
-        return func(*args, **kwargs)
+        return torch.sigmoid(out.logits), greedy_emissions(out.step_logits)
 
 
 def _metadata(clf) -> dict[str, Any]:
@@ -139,8 +118,7 @@ def _export(wrapper: GreedyExport, fmt: str, example: torch.Tensor, path: Path, 
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            with _TraceableScatter():
-                traced = torch.jit.trace(wrapper, (example,), check_trace=False)
+            traced = torch.jit.trace(wrapper, (example,), check_trace=False)
             torch.jit.save(traced, str(path), _extra_files={"model.json": text})
     elif fmt == "onnx":
         batch = torch.export.Dim("batch", min=1, max=65536)

@@ -1,4 +1,4 @@
-"""The joint max-margin objective (Eq. 13–17; SPEC.md, "Objective").
+"""The joint max-margin objective (Eq. 13–17; docs/model.md, "Loss").
 
 L = BCE + lambda1·R1 + lambda2·R2:
 - BCE on p-hat against the multi-hot target, from logits (max over steps of the step logits),

@@ -1,4 +1,4 @@
-"""The Coarse-to-Fine model: encoder, global attention, attention-LSTM decoder (SPEC.md).
+"""The Coarse-to-Fine model: encoder, global attention, attention-LSTM decoder (docs/model.md).
 
 One switch, ``ModelConfig.fast_kernels``, picks the Triton ops of the ``kernels`` package for the
 global attention, the local attention and the LSTM step; otherwise the decoder is plain PyTorch
@@ -254,7 +254,8 @@ class C2FNet(nn.Module):
                     best, choice = logit.detach().max(dim=1)
                     stopped = stopped | ~(best >= 0)  # logit >= 0 <=> p >= 0.5; -inf or NaN stops
                     token = torch.where(stopped, torch.full_like(choice, self.pad_token), choice)
-                fed = fed.scatter(1, token.unsqueeze(1), True)
+                index = token.unsqueeze(1)
+                fed = fed.scatter(1, index, torch.ones_like(index, dtype=torch.bool))
         step_logits_t = torch.stack(step_logits, dim=1)
         return C2FOutput(
             logits=step_logits_t.amax(dim=1),
@@ -281,7 +282,7 @@ def greedy_emissions(step_logits: torch.Tensor) -> torch.Tensor:
     prediction of that step (e.g. for the pointing game).
     """
     best, choice = step_logits.max(dim=2)
-    stopped = torch.cummax((~(best >= 0)).int(), dim=1).values.bool()
+    stopped = torch.cumsum((~(best >= 0)).to(torch.int32), dim=1) > 0  # cumsum: exportable to ONNX
     return torch.where(stopped, torch.full_like(choice, PAD), choice)
 
 

@@ -95,7 +95,7 @@ def test_greedy_with_more_steps_than_classes():
 
 
 def test_global_attention_initialises_the_lstm():
-    """Variant lstm_lg starts from I_h(z/L), I_c(z/L); the others from zeros (SPEC, Eq. 3)."""
+    """Variant lstm_lg starts from I_h(z/L), I_c(z/L); the others from zeros (docs/model.md, "Global attention", Eq. 3)."""
     model = small_model("lstm_lg").eval()
     feats = torch.randn(2, 9, model.feat_dim)
     f_fc = torch.randn(2, model.fc_dim)
@@ -152,7 +152,7 @@ def test_vgg_variant_has_one_step():
 
 
 def test_vgg16_encoder_shapes():
-    """conv5_3 at 224 px is 14x14x512 (L = 196) and fc7 is 4096-d (SPEC, Encoder)."""
+    """conv5_3 at 224 px is 14x14x512 (L = 196) and fc7 is 4096-d (docs/model.md, "Encoder")."""
     enc = build_encoder("vgg16").eval()
     with torch.no_grad():
         a, f_fc = enc(torch.randn(1, 3, 224, 224))
@@ -200,7 +200,7 @@ def test_pretrained_path_loads_a_state_dict(tmp_path):
 
 
 def test_attention_uses_the_global_prior():
-    """z_t = sum_i beta_ti * alpha_i * a_i (SPEC, Local attention): recompute it by hand."""
+    """z_t = sum_i beta_ti * alpha_i * a_i (docs/model.md, "Local attention"): recompute it by hand."""
     model = small_model("lstm_lg").eval()
     feats = torch.randn(2, 9, model.feat_dim)
     f_fc = torch.randn(2, model.fc_dim)
