@@ -259,6 +259,9 @@ def training_curves(records: Union[str, os.PathLike, Iterable[dict]], out_path: 
         if pts:
             ax_eval.plot(*zip(*pts), style, ms=4, label=label)
     ax_eval.set(title="evaluation", xlabel="epoch", ylim=(0, 1.02))
+    from matplotlib.ticker import MaxNLocator
+
+    ax_eval.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ax_eval.lines:
         ax_eval.legend(fontsize=7, loc="lower right")
     else:

@@ -462,10 +462,13 @@ def _write_set(spec: SyntheticSpec, root: Path) -> None:
 
 
 #: Named parameter sets (SyntheticSpec fields). ``hard``: small objects (6-20 px at 128 px), 1-5
-#: distractors, dense clutter -- the set for ``c2f ablate``, on which the variants differ. ``demo``:
-#: larger objects, fewer distractors and clutter lines, more images -- calibrated by measurement so
-#: that the demo run (variant lstm_lg, tiny backbone) reaches test mAP >= 0.90 and a pointing game
-#: >= 0.6 in minutes on 2 CPU cores.
+#: distractors, dense clutter -- the set for ``c2f ablate``, on which the variants differ (variant
+#: vgg, tiny backbone: test mAP 0.25 after 5 epochs). ``demo``: larger objects (14-30 px), 0-2
+#: distractors, fewer clutter lines, 4,000 training images (built in ~8 s) -- measured on 2 CPU cores:
+#: variant lstm_lg, tiny backbone, max-margin loss, AdamW lr 2e-3, batch 32, flips, 8-epoch cosine
+#: schedule: test mAP 0.92 after 5 epochs and 0.96 after 8; 10-epoch schedule: 0.91 after 4, 0.987
+#: after 8-10 (31-35 s an epoch on a lightly loaded machine). Pointing game: global attention 0.78-0.92,
+#: local attention 0.28-0.35 (its peak sits on one object across steps, not always the emitted one).
 PRESETS: dict[str, dict] = {
     "hard": dict(n_train=2000, n_test=500, object_size=(6.0, 20.0), distractors=(1, 5), clutter=(5, 14),
                  max_cover=0.35, p_near=0.4),
