@@ -83,7 +83,7 @@ class TinyEncoder(nn.Module):
         self.stride = 2 ** (len(widths) - 1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.features(images)  # 1/16 resolution
+        fmap = self.features(images)  # 1/8 resolution
         fc = self.fc(torch.amax(fmap, dim=(2, 3)))
         return fmap.flatten(2).transpose(1, 2).contiguous(), fc
 

@@ -312,13 +312,9 @@ class C2FClassifier(nn.Module):
 
     def _resize(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """uint8 ``[B, 3, H, W]`` → B uint8 ``[3, S, S]`` (on the input's device)."""
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.v2 import functional as TF
+        from .data.base import resize_whole
 
-        S = self.image_size
-        if tuple(batch.shape[-2:]) != (S, S):
-            batch = TF.resize(batch, [S, S], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        return list(batch.unbind(0))
+        return list(resize_whole(batch, self.image_size).unbind(0))
 
     def _normalise(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 3, S, S]`` on ``device`` → float32, ImageNet-normalised (as the loaders)."""

@@ -18,7 +18,7 @@ import math
 import os
 import random
 import signal
-import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -303,32 +303,29 @@ class RunLog:
 
 
 class StopSignal:
-    """SIGINT/SIGTERM set a flag that the loop checks between steps (the main thread only)."""
+    """SIGINT/SIGTERM set a flag that the loop checks between steps; a second signal stops at once.
+    Installed from the main thread only (signal handlers cannot be set elsewhere)."""
 
     def __init__(self):
         self.signum: Optional[int] = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self):
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop at once
-            signal.default_int_handler(signum, frame) if signum == signal.SIGINT else sys.exit(128 + signum)
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
         self.signum = signum
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 # ----------------------------------------------------------------------------- the run

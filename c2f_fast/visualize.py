@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from .data.base import normalize, resize_whole
 from .model import PAD, greedy_emissions
 
 #: Size of one panel of ``attention_figure`` in pixels (DPI x inches).
@@ -55,15 +55,8 @@ def preprocess(images: Sequence[ImageLike], image_size: int) -> tuple[torch.Tens
     """As evaluation does: resize to S x S (bilinear, antialiased), ImageNet normalisation.
 
     Returns (normalised float [B, 3, S, S], resized uint8 [B, 3, S, S] for display)."""
-    resized = []
-    for img in images:
-        x = load_image(img).float().unsqueeze(0)
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-        resized.append(x.round().clamp(0, 255).to(torch.uint8)[0])
-    raw = torch.stack(resized)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (raw.float() / 255 - mean) / std, raw
+    raw = torch.stack([resize_whole(load_image(img), image_size) for img in images])
+    return normalize(raw), raw
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

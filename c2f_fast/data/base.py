@@ -55,6 +55,25 @@ class LoaderConfig:
     prefetch: int
 
 
+def resize_whole(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Evaluation's resize: uint8 ``[..., 3, H, W]`` → ``[..., 3, size, size]``, the whole image
+    (aspect ratio not kept), bilinear with antialiasing. The torch loader, the inference module
+    and the figures all go through it, so they see the same pixels."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return TF.resize(images, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB ``[B, 3, S, S]`` → float32 ``(x / 255 - mean) / std`` with ImageNet's statistics."""
+    mean = torch.tensor([255.0 * m for m in IMAGENET_MEAN], device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor([255.0 * s for s in IMAGENET_STD], device=images.device).view(1, 3, 1, 1)
+    return images.float().sub_(mean).div_(std)
+
+
 def shard_bounds(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
     """``[start, end)`` of shard ``shard_id`` over ``n`` samples: DALI's reader partition."""
     return (shard_id * n) // num_shards, ((shard_id + 1) * n) // num_shards

@@ -32,7 +32,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from .images import BadImageError, BadImageReport, check_image
-from .base import IMAGENET_MEAN, IMAGENET_STD, Batch, ImageLoader, LoaderConfig, sample_seed, shard_bounds
+from .base import IMAGENET_MEAN, IMAGENET_STD, Batch, ImageLoader, LoaderConfig, resize_whole, sample_seed, shard_bounds
 from .records import MultiLabelSet
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec and warns at every call
@@ -125,7 +125,7 @@ class ImageFileDataset(Dataset):
             if torch.rand(1, generator=generator).item() < 0.5:
                 image = TF.horizontal_flip(image)
         else:
-            image = TF.resize(image, self.size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+            image = resize_whole(image, self.size[0])
         return image, index, None
 
 
