@@ -297,3 +297,28 @@ def test_default_dali_loader_runs_the_engine(synth_root, tmp_path):
                                                                          "optim.epochs": 1})))
     assert summary["steps"] == 96 // 16
     assert summary["final"]["num_images"] == 40 and summary["final"]["duplicates"] == 0
+
+
+def test_list_file_data_and_a_frozen_encoder(synth_root, tmp_path):
+    """data.format=list (the test list may lack a class: the training list's classes are used) and
+    optim.freeze_encoder=true (the encoder's weights do not move, the decoder's do)."""
+    from c2f_fast.data import load_voc
+
+    for split in ("train", "test"):
+        ds = load_voc(synth_root, split=split)
+        lines = [",".join([Path(p).name] + [ds.class_names[c] for c in range(ds.num_classes) if ds.targets[i, c] == 1])
+                 for i, p in enumerate(ds.image_paths)]
+        (tmp_path / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "frozen"
+    cfg = load_config(None, small_overrides(synth_root, out, **{
+        "data.format": "list", "data.root": str(synth_root / "JPEGImages"), "data.train_split": str(tmp_path / "train.txt"),
+        "data.test_split": str(tmp_path / "test.txt"), "optim.freeze_encoder": "true", "optim.epochs": 2}))
+    summary = train(cfg)
+    assert summary["final"]["num_images"] == 40
+    # the end of epoch 1 (kept as checkpoint.prev.pt) against the end of epoch 2
+    before = torch.load(out / "checkpoint.prev.pt", weights_only=True)
+    after = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert before["run_state"]["step"] < after["run_state"]["step"]
+    moved = {k for k, v in after["model"].items() if v.is_floating_point() and not torch.equal(v, before["model"][k])}
+    assert any(k.startswith("lstm.") for k in moved)
+    assert not any(k.startswith("encoder.") for k in moved), sorted(moved)
