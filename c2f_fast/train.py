@@ -539,9 +539,9 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
 
 
 def _plot_curves(run_dir: Path) -> None:
-    from .visualize import training_curves
-
     try:
+        from .visualize import training_curves
+
         training_curves(run_dir / LOG_FILE, run_dir / CURVES_FILE)
     except Exception as exc:  # a plot must never cost a finished run
         warnings.warn(f"could not draw {run_dir / CURVES_FILE}: {exc}", RuntimeWarning, stacklevel=1)
