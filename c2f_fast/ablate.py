@@ -47,10 +47,10 @@ DEFAULT_CONFIG = {
 
 def _cell(metrics: dict, keys: tuple[str, ...], scale: float) -> str:
     values = [metrics.get(k) for k in keys]
-    if any(v is None for v in values):
+    if all(v is None for v in values):
         return "—"
     digits = 3 if scale == 1 else 2
-    return "/".join(f"{v * scale:.{digits}f}" for v in values)
+    return "/".join("—" if v is None else f"{v * scale:.{digits}f}" for v in values)
 
 
 def ablation_markdown(rows: list[dict]) -> str:
