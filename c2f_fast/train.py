@@ -291,13 +291,11 @@ class RunLog:
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
-        self.records: list[dict] = []
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         record = _jsonable(record)
-        self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -461,6 +459,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
                 t_wait = time.perf_counter()
                 images, targets, _ = next(batches)
                 if i < state.epoch_step:  # resumed mid-epoch: these batches were trained on
+                    t_last = time.perf_counter()  # the rate counts trained steps only
                     continue
                 wait += time.perf_counter() - t_wait
                 loss, parts = train_step(images, targets)
