@@ -39,16 +39,15 @@ def _new_figure(width_px: int, height_px: int):
 
 
 def load_image(image: ImageLike) -> torch.Tensor:
-    """A path (any format PIL reads; converted to RGB) or a uint8 tensor [3, H, W] -> uint8 [3, H, W]."""
+    """A path (JPEG, PNG, ...; decoded to RGB as the evaluation loader does) or a uint8 tensor
+    [3, H, W] -> uint8 [3, H, W]."""
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
             raise ValueError(f"images: expected uint8 tensors [3, H, W], got {image.dtype} {tuple(image.shape)}")
         return image
-    from PIL import Image
+    from .data.torch_pipeline import decode_rgb  # the evaluation loader's decoder: the same pixels
 
-    with Image.open(image) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return decode_rgb(os.fspath(image))
 
 
 def preprocess(images: Sequence[ImageLike], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
