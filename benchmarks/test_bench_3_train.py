@@ -64,7 +64,7 @@ def test_train_step(benchmark, profile, variant):
     peak = engine._peak_flops(dev) if hasattr(engine, "_peak_flops") else None
 
     def call():
-        loss, _ = step(images, targets)
+        loss, _, _ = step(images, targets)
         return loss
 
     baselines = ("train/ref_fp32_eager",) if variant != "ref_fp32_eager" else ()

@@ -154,33 +154,38 @@ def resolve_weights(path: str | os.PathLike, which: str = "best") -> tuple[Path,
 def load_model(path: str | os.PathLike, which: str = "best", fast_kernels: bool = False):
     """``(C2FNet, meta)`` from what training wrote (see :func:`resolve_weights`), on the CPU in
     eval mode. ``meta`` holds ``class_names``, ``class_order`` and the ``model`` config dict."""
-    from .model import C2FNet, ModelConfig
-
     weights, meta_path = resolve_weights(path, which)
     if meta_path is None:  # a training checkpoint
         state = load_checkpoint(weights)
-        meta, model_state = state["meta"], state["model"]
-    else:
-        meta = _read_json(meta_path)
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        return model_from_state(state["meta"], state["model"], weights, fast_kernels), state["meta"]
+    meta = _read_json(meta_path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-        try:
-            model_state = load_file(weights)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
+    try:
+        model_state = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
+    return model_from_state(meta, model_state, weights, fast_kernels), meta
+
+
+def model_from_state(meta: dict, model_state: dict, source: Path, fast_kernels: bool = False):
+    """A C2FNet (CPU, eval mode) built from ``meta["model"]`` with ``model_state`` loaded;
+    errors name ``source``."""
+    from .model import C2FNet, ModelConfig
+
     try:
         cfg = ModelConfig(**{**meta["model"], "fast_kernels": fast_kernels, "pretrained": None})
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{meta_path or weights}: bad model config ({exc})") from None
+        raise CheckpointError(f"{source}: bad model config ({exc})") from None
     model = C2FNet(cfg)
     try:
         model.load_state_dict(model_state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{weights}: weights do not fit the model config: {exc}") from None
-    return model.eval(), meta
+        raise CheckpointError(f"{source}: weights do not fit the model config: {exc}") from None
+    return model.eval()
 
 
-__all__ = ["CheckpointError", "atomic_write", "load_checkpoint", "load_model", "resolve_weights",
+__all__ = ["CheckpointError", "atomic_write", "load_checkpoint", "load_model", "model_from_state", "resolve_weights",
            "save_checkpoint", "save_weights", "write_model_json", "CHECKPOINT", "PREVIOUS",
            "FINAL_WEIGHTS", "BEST_WEIGHTS", "MODEL_JSON"]

@@ -160,21 +160,27 @@ def evaluate_checkpoint(path, overrides=(), which: str = "best") -> dict[str, An
     data config (``config.yaml`` beside the weights) with dotted ``overrides`` applied."""
     from pathlib import Path
 
-    from .checkpoint import load_checkpoint, load_model, resolve_weights
+    from .checkpoint import load_checkpoint, load_model, model_from_state, resolve_weights
     from .config import load_config
     from .distributed import init_distributed, shutdown
     from .train import CONFIG_FILE, build_loaders, load_datasets, resolve_settings
 
     weights, meta_path = resolve_weights(path, which)
-    config_file = weights.parent / CONFIG_FILE
-    if meta_path is None:  # a training checkpoint carries its config
-        cfg = load_config(load_checkpoint(weights)["config"], list(overrides))
+    state = None
+    if meta_path is None:  # a training checkpoint carries its config (read once, used twice)
+        state = load_checkpoint(weights)
+        cfg = load_config(state["config"], list(overrides))
     else:
+        config_file = weights.parent / CONFIG_FILE
         cfg = load_config(config_file if config_file.is_file() else None, list(overrides))
     info = init_distributed(cfg.run.device)
     try:
         settings = resolve_settings(cfg, info.device)
-        model, meta = load_model(path, which=which, fast_kernels=settings.fast_kernels)
+        if state is not None:
+            meta = state["meta"]
+            model = model_from_state(meta, state["model"], weights, settings.fast_kernels)
+        else:
+            model, meta = load_model(path, which=which, fast_kernels=settings.fast_kernels)
         model = model.to(settings.device)
         _, test_set = load_datasets(cfg, info, train=False)
         if list(test_set.class_names) != list(meta["class_names"]):

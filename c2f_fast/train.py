@@ -183,7 +183,9 @@ class TrainStep:
 
     The forward and the loss are one function, compiled once when ``settings.compile``; autocast
     wraps it. ``net`` is the model, or its DDP wrapper. ``step(images, targets)`` returns
-    ``(loss, parts)``, the loss detached; a non-finite loss skips the update (the caller counts).
+    ``(loss, parts, finite)``, the loss detached; a non-finite loss skips the update (the caller
+    counts). ``finite`` is the one host sync of the step: asking the loss again after the update
+    would wait for the whole backward and optimiser step.
     The benchmarks time this same object.
     """
 
@@ -201,13 +203,14 @@ class TrainStep:
 
         self.forward_loss = torch.compile(forward_loss) if settings.compile else forward_loss
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict, bool]:
         if self.settings.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         seq = label_sequences(targets, self.class_order, self.steps)
         with self.settings.autocast():
             loss, parts = self.forward_loss(images, targets, seq)
-        if torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if finite:
             self.scaler.scale(loss).backward()
             if self.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
@@ -215,7 +218,7 @@ class TrainStep:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), parts
+        return loss.detach(), parts, finite
 
 
 def build_model(cfg: TrainConfig, num_classes: int, settings: Settings) -> C2FNet:
@@ -397,7 +400,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
 
     if resume:
         saved = ckpt.load_checkpoint(run_dir / ckpt.CHECKPOINT)
-        if saved["meta"]["model"] != {**meta["model"]}:
+        if saved["meta"]["model"] != meta["model"]:
             raise ValueError(f"--resume: the model config differs from the checkpoint's in {run_dir}")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -462,8 +465,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
                     t_last = time.perf_counter()  # the rate counts trained steps only
                     continue
                 wait += time.perf_counter() - t_wait
-                loss, parts = train_step(images, targets)
-                if torch.isfinite(loss):
+                loss, parts, finite = train_step(images, targets)
+                if finite:
                     nonfinite_run = 0
                     losses.append(loss)
                 else:

@@ -271,6 +271,9 @@ def test_eval_command_on_a_run(synth_root, tmp_path, capsys):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["num_images"] == 40
     assert metrics["mAP"] == pytest.approx(summary["final"]["mAP"], abs=1e-6)
+    # a training checkpoint carries its config and the final weights
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--json", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["mAP"] == pytest.approx(metrics["mAP"], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- DDP
