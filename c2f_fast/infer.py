@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from .data.images import BadImageError, sniff_format
-from .data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from .data.base import normalize
 from .model import C2FNet, greedy_emissions
 
 warnings.filterwarnings(
@@ -188,10 +188,6 @@ class C2FClassifier(nn.Module):
             raise ValueError(f"model_batch: expected a positive integer, got {model_batch!r}")
         self.model_batch = model_batch
         self.model = model.to(self.device).eval()
-        mean = torch.tensor([255.0 * m for m in IMAGENET_MEAN], device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor([255.0 * s for s in IMAGENET_STD], device=self.device).view(1, 3, 1, 1)
-        self.register_buffer("_mean", mean, persistent=False)
-        self.register_buffer("_std", std, persistent=False)
         if compile is None:
             compile = self.device.type == "cuda"
         self.compiled = bool(compile)
@@ -318,7 +314,7 @@ class C2FClassifier(nn.Module):
 
     def _normalise(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 3, S, S]`` on ``device`` → float32, ImageNet-normalised (as the loaders)."""
-        return batch.float().sub_(self._mean).div_(self._std)
+        return normalize(batch)
 
     # ------------------------------------------------------------------ prediction
     def predict(

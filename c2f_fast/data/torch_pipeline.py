@@ -32,7 +32,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from .images import BadImageError, BadImageReport, check_image
-from .base import IMAGENET_MEAN, IMAGENET_STD, Batch, ImageLoader, LoaderConfig, resize_whole, sample_seed, shard_bounds
+from .base import Batch, ImageLoader, LoaderConfig, normalize, resize_whole, sample_seed, shard_bounds
 from .records import MultiLabelSet
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec and warns at every call
@@ -223,9 +223,6 @@ class TorchLoader(ImageLoader):
             prefetch_factor=config.prefetch if workers > 0 else None,
             multiprocessing_context=worker_context() if workers > 0 else None,
         )
-        shape = (1, 3, 1, 1)
-        self._mean = torch.tensor([255.0 * m for m in IMAGENET_MEAN], device=config.device).view(shape)
-        self._std = torch.tensor([255.0 * s for s in IMAGENET_STD], device=config.device).view(shape)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` run epoch ``epoch`` (its shuffle and augmentation)."""
@@ -246,5 +243,5 @@ class TorchLoader(ImageLoader):
             images, indices = batch
             images = images.to(device, non_blocking=True)
             indices = indices.to(device, non_blocking=True)
-            images = images.float().sub_(self._mean).div_(self._std).to(self.config.dtype)
+            images = normalize(images).to(self.config.dtype)
             yield images, self._gather_targets(indices), indices
