@@ -81,6 +81,9 @@ def summary_text(summary: dict) -> str:
     if final.get("pointing_local") is not None:
         lines.append(f"  pointing game  {final['pointing_local']:.3f} local attention, "
                      f"{final.get('pointing_global') or float('nan'):.3f} global attention")
+        if final.get("pointing_local_any") is not None:
+            lines.append(f"                 local peak on some present object {final['pointing_local_any']:.3f}; "
+                         f"a random present class would score {final['pointing_local_chance']:.3f}")
     lines.append(f"  CF1 {final.get('CF1', float('nan')):.4f}   OF1 {final.get('OF1', float('nan')):.4f}")
     run = Path(summary["run"])
     lines.append("wrote:")

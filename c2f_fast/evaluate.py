@@ -147,6 +147,8 @@ def evaluate(
     if pointing is not None:
         result = pointing.result(info)
         metrics["pointing_local"], metrics["pointing_global"] = result.local, result.global_
+        # reference figures for reading the local rate (docs/model.md, "Pointing game")
+        metrics["pointing_local_any"], metrics["pointing_local_chance"] = result.local_any, result.local_chance
         metrics["pointing"] = result.to_dict()
     metrics["seconds"] = time.perf_counter() - t0
     return metrics

@@ -9,6 +9,14 @@ attention"; docs/data.md for the boxes).
 * **Global** (one trial per image with boxes): the peak of the global attention against the boxes
   of every present class.
 
+Two reference figures come with the local rate, so that it can be read:
+
+* ``local_any``: the share of local trials whose map peaks on an object of *some* present class
+  (the class's own or another): does the attention find objects at all?
+* ``local_chance``: the rate a pointer would score that, for every trial, points at one present
+  class chosen uniformly at random (per trial 1/k, k = the present classes with boxes in the
+  image): the local rate says something about classes only where it is above this.
+
 The peak is the argmax cell of the ``h x w`` map; its centre ``x = (j + 0.5) W / w``,
 ``y = (i + 0.5) H / h`` in the pixels of the ``S x S`` network input. It is a hit when its distance
 to a box of the class is at most the tolerance (0 inside the box): 15 px at 224 px, scaled with the
@@ -117,6 +125,8 @@ class PointingResult:
     global_total: int = 0
     has_local: bool = True
     has_global: bool = True
+    local_any_hits: int = 0
+    local_chance_sum: float = 0.0
 
     @property
     def local(self) -> Optional[float]:
@@ -126,6 +136,18 @@ class PointingResult:
     @property
     def global_(self) -> Optional[float]:
         return self.global_hits / self.global_total if self.has_global and self.global_total else None
+
+    @property
+    def local_any(self) -> Optional[float]:
+        """Share of local trials whose peak lies on an object of any present class."""
+        n = sum(self.local_total)
+        return self.local_any_hits / n if self.has_local and n else None
+
+    @property
+    def local_chance(self) -> Optional[float]:
+        """The local rate of a pointer at a uniformly random present class."""
+        n = sum(self.local_total)
+        return self.local_chance_sum / n if self.has_local and n else None
 
     @property
     def local_per_class(self) -> dict[str, Optional[float]]:
@@ -139,6 +161,8 @@ class PointingResult:
         return {
             "local": self.local,
             "global": self.global_,
+            "local_any": self.local_any,
+            "local_chance": self.local_chance,
             "local_hits": sum(self.local_hits) if self.has_local else None,
             "local_total": sum(self.local_total) if self.has_local else None,
             "global_hits": self.global_hits if self.has_global else None,
@@ -170,6 +194,8 @@ class PointingGame:
     global_total: int = field(init=False, default=0)
     has_local: bool = field(init=False, default=False)
     has_global: bool = field(init=False, default=False)
+    local_any_hits: int = field(init=False, default=0)
+    local_chance_sum: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         if self.tolerance is None:
@@ -230,12 +256,15 @@ class PointingGame:
                 self.global_hits += int(_hit(*global_xy[b], bx, tol))
             if emitted is None:
                 continue
-            for c in sorted({box[0] for box in bx}):
+            present = sorted({box[0] for box in bx})
+            for c in present:
                 self.local_total[c] += 1
+                self.local_chance_sum += 1.0 / len(present)
                 steps = np.flatnonzero(emitted[b] == c)
                 if steps.size:
                     x, y = local_xy[b, steps[0]]
                     self.local_hits[c] += int(_hit(x, y, [box for box in bx if box[0] == c], tol))
+                    self.local_any_hits += int(_hit(x, y, bx, tol))
 
     def merge(self, other: "PointingGame") -> None:
         """Add another game's counts (e.g. from another process)."""
@@ -243,6 +272,8 @@ class PointingGame:
         self.local_total += other.local_total
         self.global_hits += other.global_hits
         self.global_total += other.global_total
+        self.local_any_hits += other.local_any_hits
+        self.local_chance_sum += other.local_chance_sum
         self.has_local |= other.has_local
         self.has_global |= other.has_global
 
@@ -255,6 +286,8 @@ class PointingGame:
             global_total=int(self.global_total),
             has_local=self.has_local,
             has_global=self.has_global,
+            local_any_hits=int(self.local_any_hits),
+            local_chance_sum=float(self.local_chance_sum),
         )
 
 

@@ -559,7 +559,7 @@ def _epoch_line(epoch, epochs, train_loss, seconds, metrics) -> str:
 
 TABLE_KEYS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "CP@3", "CR@3", "CF1@3", "OP@3", "OR@3", "OF1@3",
               "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5", "one_error", "coverage", "ranking_loss",
-              "pointing_local", "pointing_global")
+              "pointing_local", "pointing_local_any", "pointing_local_chance", "pointing_global")
 
 
 def format_table(metrics: dict, title: str = "test metrics") -> str:

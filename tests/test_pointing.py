@@ -107,6 +107,31 @@ def test_uses_the_step_that_emitted_the_class() -> None:
     assert res.local_hits == [0, 0, 0, 1]
 
 
+def test_reference_figures_any_object_and_chance() -> None:
+    # image 0 holds classes 1 and 3: step 0 emits 3 but looks at class 1's box (some present object,
+    # the wrong one), step 1 emits 1 and looks at the background; image 1 holds class 0, never emitted
+    local = torch.stack([one_hot_map(0, 0), one_hot_map(7, 0), one_hot_map(7, 0)]).unsqueeze(0)  # (14, 210): far
+    local = torch.cat([local, local])
+    lg = torch.cat([logits_emitting([3, 1]), logits_emitting([])])
+    boxes = [[(1, 0.0, 0.0, 20.0, 20.0), (3, 150.0, 150.0, 160.0, 160.0)], [(0, 0.0, 0.0, 20.0, 20.0)]]
+    res = pointing_game(lg, local, None, boxes, S)
+    assert res.local == 0.0
+    assert res.local_any == pytest.approx(1 / 3)  # one of three trials peaks on a present object
+    assert res.local_chance == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)
+    d = res.to_dict()
+    assert d["local_any"] == pytest.approx(1 / 3) and d["local_chance"] == pytest.approx(2 / 3)
+    # merged games add the figures' counts too
+    game = PointingGame(C, S)
+    for b in range(2):
+        game.update(lg[b : b + 1], local[b : b + 1], None, boxes[b : b + 1])
+    merged = PointingGame(C, S)
+    merged.merge(game)
+    assert merged.result().local_any == pytest.approx(1 / 3)
+    assert merged.result().local_chance == pytest.approx(2 / 3)
+    # without local attention there are no such figures
+    assert pointing_game(None, None, local[:, 0], boxes, S, num_classes=C).local_chance is None
+
+
 def test_global_peak_against_any_present_class() -> None:
     glob = torch.stack([one_hot_map(2, 2), one_hot_map(7, 7), one_hot_map(0, 0)])
     boxes = [
