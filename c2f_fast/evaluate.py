@@ -135,8 +135,8 @@ def evaluate(
     pointing=None,
 ) -> dict[str, Any]:
     """The full metric set (see :func:`c2f_fast.metrics.multilabel_metrics`) on the test loader,
-    plus ``pointing_local`` / ``pointing_global`` (and their details under ``"pointing"``) when a
-    pointing-game accumulator is given, and ``num_images`` / ``seconds``."""
+    plus ``pointing_local`` / ``pointing_global`` / ``pointing_local_any`` / ``pointing_local_chance``
+    (and the details under ``"pointing"``) when a pointing-game accumulator is given, and ``num_images`` / ``seconds``."""
     t0 = time.perf_counter()
     on_batch = pointing.update if pointing is not None else None
     out = run_eval(model, loader, info, batch_size, autocast, channels_last, on_batch)
@@ -145,11 +145,11 @@ def evaluate(
     metrics["num_images"] = int(out.indices.numel())
     metrics["duplicates"] = out.duplicates
     if pointing is not None:
-        result = pointing.result(info)
-        metrics["pointing_local"], metrics["pointing_global"] = result.local, result.global_
-        # reference figures for reading the local rate (docs/model.md, "Pointing game")
-        metrics["pointing_local_any"], metrics["pointing_local_chance"] = result.local_any, result.local_chance
-        metrics["pointing"] = result.to_dict()
+        result = pointing.result(info).to_dict()
+        # the rates, and the reference figures for reading the local one (docs/metrics_conventions.md)
+        for key in ("local", "global", "local_any", "local_chance"):
+            metrics[f"pointing_{key}"] = result[key]
+        metrics["pointing"] = result
     metrics["seconds"] = time.perf_counter() - t0
     return metrics
 

@@ -128,10 +128,13 @@ class PointingResult:
     local_any_hits: int = 0
     local_chance_sum: float = 0.0
 
+    def _per_local_trial(self, count: float) -> Optional[float]:
+        n = sum(self.local_total)
+        return count / n if self.has_local and n else None
+
     @property
     def local(self) -> Optional[float]:
-        n = sum(self.local_total)
-        return sum(self.local_hits) / n if self.has_local and n else None
+        return self._per_local_trial(sum(self.local_hits))
 
     @property
     def global_(self) -> Optional[float]:
@@ -140,14 +143,12 @@ class PointingResult:
     @property
     def local_any(self) -> Optional[float]:
         """Share of local trials whose peak lies on an object of any present class."""
-        n = sum(self.local_total)
-        return self.local_any_hits / n if self.has_local and n else None
+        return self._per_local_trial(self.local_any_hits)
 
     @property
     def local_chance(self) -> Optional[float]:
         """The local rate of a pointer at a uniformly random present class."""
-        n = sum(self.local_total)
-        return self.local_chance_sum / n if self.has_local and n else None
+        return self._per_local_trial(self.local_chance_sum)
 
     @property
     def local_per_class(self) -> dict[str, Optional[float]]:
