@@ -94,7 +94,7 @@ class GreedyExport(nn.Module):
 
 
 def _metadata(clf) -> dict[str, Any]:
-    from .data.loaders import IMAGENET_MEAN, IMAGENET_STD
+    from .data.base import IMAGENET_MEAN, IMAGENET_STD
 
     return {
         "model": clf.model.cfg.to_dict(), "class_names": clf.class_names,
@@ -154,6 +154,7 @@ def _runner(fmt: str, path: Path):
 
 
 def _check_images(clf, images: Any, num_synthetic: int, seed: int) -> tuple[torch.Tensor, str]:
+    from .data.base import normalize
     from .infer import _ItemError, _expand
 
     S = clf.image_size
@@ -164,11 +165,11 @@ def _check_images(clf, images: Any, num_synthetic: int, seed: int) -> tuple[torc
         for source, image in loaded:
             if isinstance(image, _ItemError):
                 raise ValueError(f"--images: {source}: {image.problem}")
-        batch = clf._normalise(torch.stack([image for _, image in loaded]))
+        batch = normalize(torch.stack([image for _, image in loaded]))
         return batch, f"{len(loaded)} given image(s) resized to {S}x{S}"
     generator = torch.Generator().manual_seed(seed)
     uint8 = torch.randint(0, 256, (num_synthetic, 3, S, S), dtype=torch.uint8, generator=generator)
-    return clf._normalise(uint8), f"{num_synthetic} synthetic random {S}x{S} images (seed {seed}; no images given)"
+    return normalize(uint8), f"{num_synthetic} synthetic random {S}x{S} images (seed {seed}; no images given)"
 
 
 def export_model(

@@ -56,8 +56,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .data.images import BadImageError, sniff_format
-from .data.base import normalize
+from .data.base import normalize, resize_whole
+from .data.images import _JPEG_TAIL_WINDOW, BadImageError, sniff_format
 from .model import C2FNet, greedy_emissions
 
 warnings.filterwarnings(
@@ -76,9 +76,6 @@ _ROW_ALIGN = 16
 
 #: Formats torchvision decodes (on CPU; nvJPEG on CUDA for JPEG); anything else goes to PIL.
 _TORCHVISION_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
-
-#: A JPEG's end-of-image marker may be followed by a little padding (see data/images.py).
-_JPEG_TAIL_WINDOW = 1024
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -304,17 +301,11 @@ class C2FClassifier(nn.Module):
             resized.extend(self._resize(image.unsqueeze(0)))
         if not resized:
             return torch.zeros(0, 3, self.image_size, self.image_size, device=self.device)
-        return self._normalise(torch.stack([r.to(self.device) for r in resized]))
+        return normalize(torch.stack([r.to(self.device) for r in resized]))
 
     def _resize(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """uint8 ``[B, 3, H, W]`` → B uint8 ``[3, S, S]`` (on the input's device)."""
-        from .data.base import resize_whole
-
         return list(resize_whole(batch, self.image_size).unbind(0))
-
-    def _normalise(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[B, 3, S, S]`` on ``device`` → float32, ImageNet-normalised (as the loaders)."""
-        return normalize(batch)
 
     # ------------------------------------------------------------------ prediction
     def predict(
@@ -359,7 +350,7 @@ class C2FClassifier(nn.Module):
                             raise img.to_exception()
                 scores = emissions = None
                 if good:
-                    batch = self._normalise(torch.stack([img.to(self.device) for _, img in good]))
+                    batch = normalize(torch.stack([img.to(self.device) for _, img in good]))
                     scores, emissions = self.decode(batch)
                     scores, emissions = scores.cpu(), emissions.cpu()
                 row = {k: r for r, (k, _) in enumerate(good)}
