@@ -11,6 +11,7 @@ Backward: one kernel, grid (B, L-splits); every input gradient is local to a reg
 stored between the passes.
 """
 
+from functools import lru_cache
 from typing import Any, Optional
 
 import torch
@@ -181,6 +182,7 @@ def _attention_pool_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=256)  # computed once per problem: launchers run at every decoder step
 def _launch_config(B: int, L: int, D: int, dtype: str) -> dict[str, common.KernelLaunch]:
     """Grid, block sizes and autotune candidates of both kernels for a ``[B, L, D]`` problem.
 
@@ -290,7 +292,7 @@ def _attention_pool_op(
     weights32 = feats.new_empty((B, L), dtype=torch.float32)
     if B > 0:
         launch(
-            _attention_pool_fwd_kernel, _launch_config(B, L, D, dtype_name(feats))["fwd"],
+            _attention_pool_fwd_kernel, _launch_config(int(B), int(L), int(D), dtype_name(feats))["fwd"],
             feats, scores, prior if prior is not None else common.placeholder(feats),
             context, weights, context32, weights32,
             L,
@@ -323,7 +325,7 @@ def _attention_pool_backward_op(
     dscores = torch.empty((B, L), dtype=dscores_dtype, device=feats.device)
     dprior = torch.empty_like(prior) if need_dprior else common.placeholder(feats)
     if B > 0:
-        bwd = _launch_config(B, L, D, dtype_name(feats))["bwd"]
+        bwd = _launch_config(int(B), int(L), int(D), dtype_name(feats))["bwd"]
         launch(
             _attention_pool_bwd_kernel, bwd,
             feats, prior if prior is not None else common.placeholder(feats), weights32, context32,
