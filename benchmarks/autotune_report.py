@@ -2,26 +2,27 @@
 
 The winners live only in the process that ran the kernels, so the benchmark session calls
 :func:`collect` at its end (``conftest.pytest_sessionfinish``), prints :func:`format_report` and
-writes ``autotune.json`` next to the results. Kernels without ``@triton.autotune`` are listed as
-such; if nothing is autotuned (or triton is missing) the report says so instead of failing.
+writes ``autotune.json`` next to the results. Every kernel is launched through
+``kernels._utils.autotuned``, which keeps one autotuner per candidate set; a kernel not launched
+in the process is listed as such, and a failure to import the kernels is reported, not raised.
 
-``python -m benchmarks.autotune_report`` prints the report of a fresh process (every autotuned
-kernel then shows "not run yet": useful only to list which kernels are autotuned).
+``python -m benchmarks.autotune_report`` prints the report of a fresh process (every kernel then
+shows "not launched in this process": useful only to list the kernels).
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 
 def _autotuners() -> dict[str, Any]:
-    """name → kernel object (an ``Autotuner`` or a plain ``JITFunction``) for every kernel of the
-    registry and every autotuned function found in the op modules."""
+    """name → kernel object for every kernel of the registry: the ``Autotuner`` its launches built
+    in this process (``kernels._utils.autotuned`` keeps them), or the plain ``JITFunction`` when it
+    has not been launched. A kernel launched with several candidate sets (e.g. per problem size)
+    gets one entry per set: ``name``, ``name#2``, ..."""
     found: dict[str, Any] = {}
     try:
-        import kernels
-        from kernels import registry
+        from kernels import _utils, registry
     except Exception as exc:  # noqa: BLE001
         return {"<kernels import failed>": exc}
     try:
@@ -29,20 +30,13 @@ def _autotuners() -> dict[str, Any]:
             found[name] = spec.fn
     except Exception as exc:  # noqa: BLE001
         found["<registry failed>"] = exc
-    try:
-        from triton.runtime.autotuner import Autotuner
-    except Exception:  # noqa: BLE001
-        return found
-    seen = {id(v) for v in found.values()}
-    for module_name in getattr(kernels, "OP_MODULES", ()):
-        try:
-            module = importlib.import_module(f"kernels.{module_name}")
-        except Exception:  # noqa: BLE001
-            continue
-        for attr, value in vars(module).items():
-            if isinstance(value, Autotuner) and id(value) not in seen:
-                found[f"{module_name}.{attr}"] = value
-                seen.add(id(value))
+    names = {id(fn): name for name, fn in found.items()}
+    sets: dict[str, int] = {}
+    for tuned in list(_utils._TUNED.values()):
+        fn = getattr(tuned, "fn", None)
+        name = names.get(id(fn), getattr(fn, "__name__", repr(fn)))
+        sets[name] = sets.get(name, 0) + 1
+        found[name if sets[name] == 1 else f"{name}#{sets[name]}"] = tuned
     return found
 
 
@@ -88,7 +82,7 @@ def format_report(report: dict[str, Any]) -> str:
         if "error" in entry:
             lines.append(f"{name}: {entry['error']}")
         elif not entry.get("autotuned"):
-            lines.append(f"{name}: not autotuned (fixed launch configuration)")
+            lines.append(f"{name}: not launched in this process")
         elif not entry["by_key"]:
             lines.append(f"{name}: autotuned over {entry['candidates']} configs, not run yet")
         else:

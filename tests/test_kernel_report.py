@@ -320,3 +320,20 @@ def test_registered_half_precision_kernels_stream_with_16_byte_loads(registered)
 def test_registered_dot_kernels_use_tensor_cores(registered):
     failures = _failures(registered, "tensor-core")
     assert not failures, "\n\n".join(failures)
+
+
+def test_autotune_report_finds_the_autotuners_launches_built():
+    """``benchmarks.autotune_report`` lists the autotuner a launch built (kernels._utils.autotuned),
+    under its registry name, and a kernel not launched as such."""
+    import torch
+
+    import kernels
+    from benchmarks import autotune_report
+
+    kernels.attention_pool(torch.randn(2, 49, 40), torch.randn(2, 49), None)
+    report = autotune_report.collect()
+    fwd = report["attention_pool_fwd"]
+    assert fwd["autotuned"] and fwd["candidates"] >= 1, fwd
+    assert set(report) >= {"attention_pool_bwd", "lstm_cell_fwd", "lstm_cell_bwd"}
+    text = autotune_report.format_report(report)
+    assert "attention_pool_fwd: autotuned over" in text
