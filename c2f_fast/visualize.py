@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .data.base import normalize, resize_whole
 from .model import PAD, greedy_emissions
+from .pointing import map_shape
 
 #: Size of one panel of ``attention_figure`` in pixels (DPI x inches).
 DPI = 100
@@ -77,12 +78,7 @@ def upsample_attention(attn: torch.Tensor, image_size: int, map_hw: Optional[tup
     """Attention maps [..., L] -> [..., S, S] in [0, 1]: bilinear upsampling, a small Gaussian blur
     (sigma = half a cell), then each map scaled to its own maximum."""
     a = attn.detach().float().cpu()
-    L = a.shape[-1]
-    if map_hw is None:
-        side = math.isqrt(L)
-        if side * side != L:
-            raise ValueError(f"attention of {L} cells is not a square map; pass map_hw")
-        map_hw = (side, side)
+    map_hw = map_shape(a.shape[-1], map_hw)
     lead = a.shape[:-1]
     m = a.reshape(-1, 1, *map_hw)
     up = F.interpolate(m, size=(image_size, image_size), mode="bilinear", align_corners=False)
