@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -72,10 +73,26 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
     run_dir = Path(run_dir)
     path = run_dir / CHECKPOINT
     state = {"format": FORMAT, "version": FORMAT_VERSION, **state}
-    if path.exists():  # keep the last good one: link it aside before the new one replaces it
-        atomic_write(run_dir / PREVIOUS, lambda f: f.write(path.read_bytes()))
+    if path.exists():  # keep the last good one aside before the new one replaces it
+        _keep_previous(path, run_dir / PREVIOUS)
     atomic_write(path, lambda f: torch.save(state, f))
     return path
+
+
+def _keep_previous(path: Path, previous: Path) -> None:
+    """Make ``previous`` the file ``path`` is now, atomically: a hard link renamed over it (no
+    copy of a checkpoint that may be gigabytes; ``path`` is then replaced by a new file, so the two
+    never share data), or a streamed copy where the file system has no hard links."""
+    link = previous.with_name(f".{previous.name}.{os.getpid()}.link")
+    link.unlink(missing_ok=True)  # left by a run killed between the two steps below
+    try:
+        os.link(path, link)
+    except OSError:
+        with open(path, "rb") as src:
+            atomic_write(previous, lambda f: shutil.copyfileobj(src, f, 1 << 24))
+        return
+    os.replace(link, previous)
+    _fsync_dir(previous.parent)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:

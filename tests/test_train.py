@@ -237,6 +237,22 @@ def test_damaged_checkpoint_gives_a_clear_error_and_keeps_the_previous(synth_roo
     assert ckpt.load_checkpoint(out / "checkpoint.prev.pt")["run_state"] == good["run_state"]
 
 
+@pytest.mark.parametrize("links", [True, False], ids=["hard_link", "copy"])
+def test_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, links):
+    if not links:  # a file system without hard links: the previous one is copied instead
+        def no_link(*args):
+            raise OSError("hard links not supported")
+
+        monkeypatch.setattr(os, "link", no_link)
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, {"run_state": {"step": step}})
+    assert ckpt.load_checkpoint(tmp_path)["run_state"] == {"step": 3}
+    assert ckpt.load_checkpoint(tmp_path / ckpt.PREVIOUS)["run_state"] == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt.CHECKPOINT, ckpt.PREVIOUS])  # no leftovers
+    (tmp_path / ckpt.CHECKPOINT).write_bytes(b"damaged in place")  # the previous one shares nothing
+    assert ckpt.load_checkpoint(tmp_path / ckpt.PREVIOUS)["run_state"] == {"step": 2}
+
+
 def test_checkpoint_loading_refuses_pickled_objects(tmp_path):
     import argparse
 
