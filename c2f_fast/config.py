@@ -19,6 +19,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .data.base import _ON_BAD, _VERIFY, BACKENDS, DEFAULT_CROP_RATIO, DEFAULT_CROP_SCALE
+from .data.synthetic import PRESETS
 from .model import ModelConfig
 
 
@@ -27,14 +29,14 @@ class ConfigError(ValueError):
 
 
 DATA_FORMATS = ("synthetic", "voc", "coco", "list")
-LOADERS = ("dali", "torch")
+LOADERS = BACKENDS  # the loaders' own lists: one place to add a choice
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 FEEDS = ("teacher", "greedy")
 DEVICES = ("auto", "cpu", "cuda")
 DIFFICULT = ("ignore", "positive", "negative")
-ON_BAD_IMAGE = ("error", "skip")
+ON_BAD_IMAGE = _ON_BAD
 
 
 @dataclass
@@ -70,8 +72,8 @@ class DataConfig:
     workers: int = 4
     batch_size: int = 32
     eval_batch_size: Optional[int] = None
-    crop_scale: tuple[float, float] = (0.25, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE
+    crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO
     on_bad_image: str = "error"
     verify: str = "header"
     limit_train: int = 0
@@ -167,8 +169,8 @@ def _plain(value: Any) -> Any:
 
 _CHOICES = {
     "data.format": DATA_FORMATS, "data.loader": LOADERS, "data.difficult": DIFFICULT,
-    "data.on_bad_image": ON_BAD_IMAGE, "data.verify": ("header", "decode", "none"),
-    "data.preset": ("demo", "hard"),
+    "data.on_bad_image": ON_BAD_IMAGE, "data.verify": _VERIFY,
+    "data.preset": tuple(sorted(PRESETS)),
     "optim.optimizer": OPTIMIZERS, "optim.schedule": SCHEDULES, "optim.feed": FEEDS,
     "run.device": DEVICES, "run.precision": PRECISIONS,
 }
