@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from .checkpoint import CHECKPOINT
 from .config import load_config
-from .train import train
+from .train import METRICS_FILE, train
 
 #: (row name, folder, overrides): the rows of Table II.
 ROWS = (
@@ -73,13 +74,13 @@ def run_ablation(config: Optional[str | Path] = None, overrides: list[str] = (),
     for method, folder, row_overrides in ROWS:
         if rows and folder not in rows:
             continue
-        cfg = load_config(base.to_dict(), [f"{k}={v}" for k, v in row_overrides.items()]
-                          + [f"run.out={out / folder}"])
         run_dir = out / folder
-        if (run_dir / "metrics.json").is_file():  # a finished row: reuse it (delete the folder to redo it)
-            summary = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        if (run_dir / METRICS_FILE).is_file():  # a finished row: reuse it (delete the folder to redo it)
+            summary = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
         else:  # a row cut short earlier resumes from its checkpoint
-            summary = train(cfg, resume=(run_dir / "checkpoint.pt").is_file())
+            cfg = load_config(base.to_dict(), [f"{k}={v}" for k, v in row_overrides.items()]
+                              + [f"run.out={run_dir}"])
+            summary = train(cfg, resume=(run_dir / CHECKPOINT).is_file())
         results.append({"method": method, "run": str(run_dir), "metrics": summary["final"],
                         "seconds": summary.get("seconds", 0.0)})
         (out / "ablation.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
