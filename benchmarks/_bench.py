@@ -18,7 +18,6 @@ compact table printed last.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -301,6 +300,13 @@ def _append_log(result: Result) -> None:
 COPY_CASE = "copy"
 
 
+def speed_ratios(r: Result, base: Result) -> tuple[float, Optional[float]]:
+    """How many times faster ``r`` is than ``base`` (work per second), from the medians and (None
+    when a minimum is missing) from the minima."""
+    from_min = (r.work / r.min) / (base.work / base.min) if r.min and base.min else None
+    return (r.work / r.median) / (base.work / base.median), from_min
+
+
 def finalise(results: dict[str, Result]) -> None:
     """Ratios to the baselines measured in this session, share of the copy bandwidth and MFU,
     written into each result and its benchmark's ``extra_info``."""
@@ -308,9 +314,11 @@ def finalise(results: dict[str, Result]) -> None:
     for r in results.values():
         for base in r.baselines:
             b = results.get(base)
-            r.ratios[base] = (r.work / r.median) / (b.work / b.median) if b is not None else None
-            if b is not None and r.min and b.min:
-                r.ratios_min[base] = (r.work / r.min) / (b.work / b.min)
+            r.ratios[base] = None
+            if b is not None:
+                r.ratios[base], from_min = speed_ratios(r, b)
+                if from_min is not None:
+                    r.ratios_min[base] = from_min
         if copy is not None and r is not copy and r.gbps:
             r.extra["copy_share"] = r.gbps / copy.gbps
         peak = r.extra.get("peak_flops")
@@ -379,9 +387,8 @@ def evaluate_goals(results: dict[str, Result], profile: str) -> list[dict]:
         if r is not None:
             if g.kind == "ratio":
                 base = results.get(g.baseline)
-                value = (r.work / r.median) / (base.work / base.median) if base else None
-                if base and r.min and base.min:
-                    value_min = (r.work / r.min) / (base.work / base.min)
+                if base:
+                    value, value_min = speed_ratios(r, base)
             elif g.kind == "copy_share":
                 value = r.extra.get("copy_share")
             elif g.kind == "mfu":
@@ -513,7 +520,3 @@ def summary_json(results: dict[str, Result], profile: str) -> dict:
                   for r in results.values()],
         "goals": evaluate_goals(results, profile),
     }
-
-
-def finite(x: Optional[float]) -> bool:
-    return x is not None and math.isfinite(x)
