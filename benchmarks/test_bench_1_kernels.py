@@ -52,6 +52,27 @@ def _variant_fn(profile, variant: str, fast, ref):
     raise AssertionError(variant)
 
 
+def _timed_call(op, args: tuple, cotangents: tuple | None = None, wrt: tuple | None = None):
+    """What a case times: ``op(*args)`` under ``no_grad`` (``cotangents`` None), or forward and
+    backward to the tensors ``wrt`` (default ``args``) with the output gradients ``cotangents``."""
+    if cotangents is None:
+
+        def call():
+            with torch.no_grad():
+                return op(*args)
+
+        return call
+    wrt = args if wrt is None else wrt
+    return lambda: torch.autograd.grad(op(*args), wrt, cotangents)
+
+
+def _attention_baselines(prefix: str, variant: str) -> tuple[str, ...]:
+    """The fast op against every reference variant; the compiled reference against eager."""
+    if variant == "fast":
+        return (f"{prefix}/eager", f"{prefix}/compiled", f"{prefix}/eager_lowp")
+    return (f"{prefix}/eager",) if variant == "compiled" else ()
+
+
 def _rounds(profile) -> dict:
     return dict(rounds=10, warmup=2, prewarm=2, inner=profile.inner, graph=True) if profile.cuda else dict(
         rounds=5, warmup=1, prewarm=2, inner=profile.inner)
@@ -79,25 +100,14 @@ def test_attention_pool(benchmark, profile, pass_, li, variant):
     scores = torch.randn(B, L, device=profile.device, dtype=dt, requires_grad=grad)
     fwd_bytes = e * (B * L * D + B * L + B * D + B * L)
     if grad:
-        dctx = torch.randn(B, D, device=profile.device, dtype=dt)
-        dw = torch.randn(B, L, device=profile.device, dtype=dt)
-
-        def call():
-            ctx, w = fn(feats, scores)
-            return torch.autograd.grad((ctx, w), (feats, scores), (dctx, dw))
-
+        cotangents = (torch.randn(B, D, device=profile.device, dtype=dt),
+                      torch.randn(B, L, device=profile.device, dtype=dt))
         nbytes = fwd_bytes + e * (B * L * D + B * D + B * L) + e * (B * L * D + B * L)
     else:
-
-        def call():
-            with torch.no_grad():
-                return fn(feats, scores)
-
-        nbytes = fwd_bytes
+        cotangents, nbytes = None, fwd_bytes
+    call = _timed_call(fn, (feats, scores), cotangents)
     prefix = f"attention_pool/{pass_}/L{L}"
-    baselines = () if variant != "fast" else (f"{prefix}/eager", f"{prefix}/compiled", f"{prefix}/eager_lowp")
-    if variant == "compiled":
-        baselines = (f"{prefix}/eager",)
+    baselines = _attention_baselines(prefix, variant)
     measure(benchmark, profile, call, case=f"{prefix}/{variant}", group=f"attention_pool {pass_} L={L}",
             sizes=sizes_str(B=B, L=L, D=D, dtype=str(dt).replace("torch.", "")), baselines=baselines,
             bytes_moved=nbytes, **_rounds(profile))
@@ -121,25 +131,13 @@ def test_additive_attention(benchmark, profile, pass_, li, variant):
     in_bytes = e * (B * L * D + B * L * A + B * A + A + B * L)
     fwd_bytes = in_bytes + e * (B * D + B * L)
     if grad:
-        dctx = torch.randn(B, D, device=dev, dtype=dt)
-        dw = torch.randn(B, L, device=dev, dtype=dt)
-
-        def call():
-            ctx, w = fn(*inputs)
-            return torch.autograd.grad((ctx, w), inputs, (dctx, dw))
-
+        cotangents = (torch.randn(B, D, device=dev, dtype=dt), torch.randn(B, L, device=dev, dtype=dt))
         nbytes = fwd_bytes + in_bytes + e * (B * D + B * L) + in_bytes
     else:
-
-        def call():
-            with torch.no_grad():
-                return fn(*inputs)
-
-        nbytes = fwd_bytes
+        cotangents, nbytes = None, fwd_bytes
+    call = _timed_call(fn, inputs, cotangents)
     prefix = f"additive_attention/{pass_}/L{L}"
-    baselines = () if variant != "fast" else (f"{prefix}/eager", f"{prefix}/compiled", f"{prefix}/eager_lowp")
-    if variant == "compiled":
-        baselines = (f"{prefix}/eager",)
+    baselines = _attention_baselines(prefix, variant)
     measure(benchmark, profile, call, case=f"{prefix}/{variant}", group=f"additive_attention {pass_} L={L}",
             sizes=sizes_str(B=B, L=L, D=D, A=A, dtype=str(dt).replace("torch.", "")), baselines=baselines,
             bytes_moved=nbytes, **_rounds(profile))
@@ -169,22 +167,11 @@ def test_lstm_cell(benchmark, profile, pass_, variant):
     step = {"fast": fast, "nn.LSTMCell": lambda x, h, c: cell(x, (h, c)), "eager": ref,
             "compiled": torch.compile(ref, dynamic=False)}[variant]
     flops = 2 * B * (X + H) * 4 * H
+    cotangents = None
     if grad:
-        dh = torch.randn(B, H, device=dev, dtype=dt)
-        dc = torch.randn(B, H, device=dev, dtype=dt)
-        inputs = (x, h, c, w_ih, w_hh, b_ih, b_hh)
-
-        def call():
-            h1, c1 = step(x, h, c)
-            return torch.autograd.grad((h1, c1), inputs, (dh, dc))
-
+        cotangents = (torch.randn(B, H, device=dev, dtype=dt), torch.randn(B, H, device=dev, dtype=dt))
         flops *= 3
-    else:
-
-        def call():
-            with torch.no_grad():
-                return step(x, h, c)
-
+    call = _timed_call(step, (x, h, c), cotangents, wrt=(x, h, c, w_ih, w_hh, b_ih, b_hh))
     prefix = f"lstm_cell/{pass_}"
     baselines = {"fast": (f"{prefix}/nn.LSTMCell", f"{prefix}/compiled", f"{prefix}/eager"),
                  "compiled": (f"{prefix}/nn.LSTMCell", f"{prefix}/eager"),
