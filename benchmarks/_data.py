@@ -1,4 +1,5 @@
-"""Synthetic JPEGs for the data-pipeline case, and the torchvision ``decode_jpeg`` loader variant.
+"""Benchmark inputs: random multi-label targets, synthetic JPEGs for the data-pipeline case, and the
+torchvision ``decode_jpeg`` loader variant.
 
 The images are 500×375 (the common VOC size), random but structured like photographs: a smooth
 two-colour gradient, a dozen filled shapes with soft edges, a mid-frequency texture and a fine grain, saved at quality 90
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from c2f_fast.data.base import DEFAULT_CROP_RATIO, DEFAULT_CROP_SCALE, normalize
 
 WIDTH, HEIGHT = 500, 375
 
@@ -53,6 +56,15 @@ def make_jpeg(rng: np.random.Generator, width: int = WIDTH, height: int = HEIGHT
     return buf.getvalue()
 
 
+def random_targets(B: int, C: int, device, generator=None) -> torch.Tensor:
+    """int8 {0, 1} targets with 1–3 positives per image (VOC-like)."""
+    t = torch.zeros(B, C, dtype=torch.int8)
+    k = torch.randint(1, 4, (B,), generator=generator)
+    for i in range(B):
+        t[i, torch.randperm(C, generator=generator)[: int(k[i])]] = 1
+    return t.to(device)
+
+
 def write_jpegs(folder: Path, n: int, seed: int = 0) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -73,17 +85,12 @@ class TvDecodeJpegLoader:
     """
 
     def __init__(self, paths: list[str], batch_size: int, image_size: int, device: torch.device, threads: int,
-                 seed: int = 0, crop_scale=(0.25, 1.0), crop_ratio=(3.0 / 4.0, 4.0 / 3.0)):
-        from c2f_fast.data.loaders import IMAGENET_MEAN, IMAGENET_STD
-
+                 seed: int = 0, crop_scale=DEFAULT_CROP_SCALE, crop_ratio=DEFAULT_CROP_RATIO):
         self.paths, self.batch_size, self.size, self.device = paths, batch_size, image_size, device
         self.scale, self.ratio = crop_scale, crop_ratio
         self.generator = torch.Generator().manual_seed(seed)
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
         self.threads = max(1, threads)
-        shape = (1, 3, 1, 1)
-        self.mean = torch.tensor([255.0 * m for m in IMAGENET_MEAN], device=device).view(shape)
-        self.std = torch.tensor([255.0 * s for s in IMAGENET_STD], device=device).view(shape)
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._stop = False
         self._reader = threading.Thread(target=self._read_loop, daemon=True)
@@ -153,5 +160,4 @@ class TvDecodeJpegLoader:
             crops = [self._augment(img, p) for img, p in zip(images, params)]
         else:
             crops = list(self.pool.map(self._augment, images, params))
-        batch = torch.stack(crops).to(self.device, non_blocking=True)
-        return batch.float().sub_(self.mean).div_(self.std)
+        return normalize(torch.stack(crops).to(self.device, non_blocking=True))

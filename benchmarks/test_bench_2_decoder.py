@@ -16,20 +16,12 @@ import pytest
 import torch
 
 from benchmarks._bench import measure, sizes_str
+from benchmarks._data import random_targets
 from c2f_fast.labels import class_frequency_order, label_sequences
 from c2f_fast.losses import c2f_loss
 from c2f_fast.model import C2FNet, ModelConfig
 
 VARIANTS = ("fast_eager", "fast_compiled", "ref_eager", "ref_compiled")
-
-
-def random_targets(B: int, C: int, device, generator=None) -> torch.Tensor:
-    """int8 {0, 1} targets with 1–3 positives per image (VOC-like)."""
-    t = torch.zeros(B, C, dtype=torch.int8)
-    k = torch.randint(1, 4, (B,), generator=generator)
-    for i in range(B):
-        t[i, torch.randperm(C, generator=generator)[: int(k[i])]] = 1
-    return t.to(device)
 
 
 def _autocast(profile):

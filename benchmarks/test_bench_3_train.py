@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from benchmarks._bench import measure, sizes_str
-from benchmarks.test_bench_2_decoder import random_targets
+from benchmarks._data import random_targets
 from c2f_fast import train as engine
 from c2f_fast.config import load_config
 from c2f_fast.labels import class_frequency_order
@@ -61,7 +61,7 @@ def test_train_step(benchmark, profile, variant):
     if key not in _FLOPS_CACHE:
         _FLOPS_CACHE[key] = engine.training_flops_per_image(model, S, dev, teacher=True)
     flops_per_image = _FLOPS_CACHE[key]
-    peak = engine._peak_flops(dev) if hasattr(engine, "_peak_flops") else None
+    peak = engine._peak_flops(dev)
 
     def call():
         loss, _, _ = step(images, targets)

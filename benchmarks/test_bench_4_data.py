@@ -22,10 +22,9 @@ import gc
 import itertools
 
 import pytest
-import torch
 
 from benchmarks._bench import measure, sizes_str
-from benchmarks.test_bench_2_decoder import random_targets
+from benchmarks._data import random_targets
 
 
 @pytest.fixture(scope="session")

@@ -6,19 +6,18 @@ The checkpoint (random weights of the profile's model on the GPU: VGG-16 at 224 
 demo model, ``c2f_fast.demo.DEMO_CONFIG``: ``tiny`` at 128 px, H=256, E=64, A=128, T=5, 20 classes) is written once per session with ``save_weights`` + ``write_model_json``, as
 training writes it, and loaded with ``C2FClassifier.from_checkpoint(dir, device, dtype=None,
 compile=...)``: on CUDA bf16 autocast and the Triton decoder, on the CPU fp32 and the reference
-decoder. ``model_batch`` (images per model call) is set to the benchmark's batch when the
-classifier accepts it, so batch 1 runs a batch of 1 rather than a zero-padded default batch.
+decoder. ``model_batch`` (images per model call) is set to the benchmark's batch, so batch 1
+runs a batch of 1 rather than a zero-padded default batch.
 Greedy decoding over all T steps (the stop rule does not shorten the static loop).
 """
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
 from benchmarks._bench import measure, sizes_str
+from c2f_fast.infer import C2FClassifier
 
 
 @pytest.fixture(scope="session")
@@ -45,13 +44,9 @@ def checkpoint_dir(tmp_path_factory, profile):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("batch", ["b1", "bN"])
 def test_infer(benchmark, profile, checkpoint_dir, batch, compiled):
-    infer = pytest.importorskip("c2f_fast.infer", reason="c2f_fast.infer (C2FClassifier) is not in this checkout yet")
-    C2FClassifier = infer.C2FClassifier
     B = 1 if batch == "b1" else profile.infer_batch
-    kwargs = {}
-    if "model_batch" in inspect.signature(C2FClassifier.from_checkpoint).parameters:
-        kwargs["model_batch"] = B
-    clf = C2FClassifier.from_checkpoint(checkpoint_dir, device=profile.device, dtype=None, compile=compiled, **kwargs)
+    clf = C2FClassifier.from_checkpoint(checkpoint_dir, device=profile.device, dtype=None, compile=compiled,
+                                        model_batch=B)
     S = clf.image_size
     images = torch.randn(B, 3, S, S, device=profile.device)
 
@@ -65,8 +60,7 @@ def test_infer(benchmark, profile, checkpoint_dir, batch, compiled):
         dict(rounds=15 if B == 1 else 5, warmup=1, prewarm=2)
     measure(benchmark, profile, call, case=name, group=f"inference batch {B}",
             sizes=sizes_str(backbone=profile.backbone, S=S, B=B, T=profile.T, C=profile.C, H=clf.model.cfg.hidden,
-                            dtype=str(getattr(clf, "dtype", "?")).replace("torch.", "")),
+                            dtype=str(clf.dtype).replace("torch.", "")),
             baselines=baselines, items=B,
-            extra={"model_batch": getattr(clf, "model_batch", None),
-                   "fast_kernels": getattr(getattr(clf, "model", None), "cfg", None) and clf.model.cfg.fast_kernels},
+            extra={"model_batch": clf.model_batch, "fast_kernels": clf.model.cfg.fast_kernels},
             **rounds)
