@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ._triton import tl, triton
-from ._utils import KernelLaunch, config, config_label, fast_path  # noqa: F401 (fast_path: the ops' dispatch rule)
+from ._utils import KernelLaunch, config, config_label
 from .registry import BENCH_B, BENCH_LS
 
 #: SMs of an H100/H200. Fixed rather than read off the device so that ``configs()`` gives the

@@ -27,10 +27,6 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _triton_installed() -> bool:
-    return HAVE_TRITON
-
-
 def available() -> bool:
     """Whether the Triton kernels can run in this process at all: triton is installed and either a
     CUDA device is visible or the CPU interpreter is on (``TRITON_INTERPRET=1``, fp32 only).
@@ -38,12 +34,12 @@ def available() -> bool:
     Where this is False every op silently takes its plain-PyTorch ``*_ref`` path; ``C2FNet`` warns
     once at construction when ``fast_kernels=True`` is asked for on such a machine.
     """
-    return _triton_installed() and (torch.cuda.is_available() or interpret_mode())
+    return not unavailable_reason()
 
 
 def unavailable_reason() -> str:
     """Why the kernels cannot run here ("" when ``available()``)."""
-    if not _triton_installed():
+    if not HAVE_TRITON:
         return "triton is not installed"
     if not (torch.cuda.is_available() or interpret_mode()):
         return "there is no CUDA device and TRITON_INTERPRET is not set"
@@ -81,7 +77,7 @@ def use_triton(*tensors: Optional[torch.Tensor]) -> bool:
     On CUDA always; on CPU only under the interpreter, which handles fp32 alone.
     """
     present = [t for t in tensors if t is not None]
-    if not _triton_installed():
+    if not HAVE_TRITON:
         return False
     if all(t.is_cuda for t in present):
         return True

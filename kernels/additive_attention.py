@@ -33,7 +33,7 @@ from torch.library import triton_op
 
 from . import _attention_common as common
 from ._triton import tl, triton
-from ._utils import config, dtype_name, fixed_grid, launch
+from ._utils import config, dtype_name, fast_path, fixed_grid, launch
 from .registry import BENCH_A, BENCH_B, BENCH_D, KernelSpec, register_kernel
 
 __all__ = ["additive_attention", "additive_attention_ref"]
@@ -556,7 +556,7 @@ def additive_attention(
     ``additive_attention_ref``.
     """
     _check_args(feats, feats_proj, query_proj, v, prior)
-    if not common.fast_path(feats, feats_proj, query_proj, v, prior):
+    if not fast_path(feats, feats_proj, query_proj, v, prior):
         return additive_attention_ref(feats, feats_proj, query_proj, v, prior, upcast=True)
     context, weights, _, _ = _additive_attention_op(feats, feats_proj, query_proj, v, prior)
     return context, weights

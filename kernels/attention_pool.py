@@ -19,7 +19,7 @@ from torch.library import triton_op
 
 from . import _attention_common as common
 from ._triton import tl, triton
-from ._utils import dtype_name, fixed_grid, launch
+from ._utils import dtype_name, fast_path, fixed_grid, launch
 from .registry import BENCH_B, BENCH_D, KernelSpec, register_kernel
 
 __all__ = ["attention_pool", "attention_pool_ref"]
@@ -377,7 +377,7 @@ def attention_pool(
     for fp32 CPU tensors; otherwise ``attention_pool_ref``.
     """
     _check_args(feats, scores, prior)
-    if not common.fast_path(feats, scores, prior):
+    if not fast_path(feats, scores, prior):
         return attention_pool_ref(feats, scores, prior, upcast=True)
     context, weights, _, _ = _attention_pool_op(feats, scores, prior)
     return context, weights

@@ -17,7 +17,7 @@ import triton.language as tl
 import kernels
 from conftest import DEVICE, assert_low_precision, requires_cuda
 from kernels import _attention_common as common
-from kernels._utils import config_label, interpret_mode
+from kernels._utils import config_label, fast_path, interpret_mode
 from kernels.additive_attention import additive_attention, additive_attention_ref
 from kernels.attention_pool import attention_pool, attention_pool_ref
 from kernels.registry import KERNELS
@@ -283,7 +283,7 @@ def test_reference_path_without_interpreter(monkeypatch):
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     monkeypatch.undo()
     inputs64 = [t.double() for t in _pool_inputs(2, 49, 24, True, device="cpu")]
-    assert not common.fast_path(*inputs64)
+    assert not fast_path(*inputs64)
     got = attention_pool(*inputs64)
     assert got[0].dtype == torch.float64
     assert all(torch.equal(g, w) for g, w in zip(got, attention_pool_ref(*inputs64)))
