@@ -23,7 +23,7 @@ them a contiguous bf16 row is read with ``LDG.E.U16``), so the report applies th
 * pointers: 16-byte aligned (PyTorch allocations are; a view at an odd offset would not be, and
   would get narrower loads at run time than reported here);
 * integers: specialised from their value when the config provides one -- ``config.scalars``
-  (a ``dict[str, int]`` field, if the registry has it) or ``spec.extra["scalars"]`` (a callable
+  (``CompileConfig.scalars``, which the ops' registries fill) or ``spec.extra["scalars"]`` (a callable
   ``config -> dict[str, int]``, or a dict ``label -> dict[str, int]``); integers without a value
   get no hint, which is the conservative assumption.
 The hints applied are shown per row (column "hints").

@@ -182,49 +182,38 @@ def bench_registry(
     launch_for: Callable[[int, str], dict[str, KernelLaunch]],
     constexprs_for: Callable[[str], dict[str, Any]],
     sizes: str,
-) -> tuple[Callable[[str], list[Any]], Callable[[Any], dict[str, int]]]:
-    """``(configs, scalars)`` for a ``KernelSpec`` of ``kernel`` (launched as ``which``).
-
-    ``configs(dtype)``: one ``CompileConfig`` per benchmark L and per autotune candidate of
-    ``launch_for(L, dtype)`` -- the op's own ``_launch_config`` at B = ``BENCH_B`` -- plus the
-    flags/sizes ``constexprs_for(dtype)``: the report compiles every config autotuning may pick.
-    ``scalars(config)``: the runtime integer arguments of that launch (``L`` and the launch's
-    ``ints``), so that the kernel report specialises them on their values as Triton's JIT does.
+) -> Callable[[str], list[Any]]:
+    """``configs(dtype)`` for a ``KernelSpec`` of ``kernel`` (launched as ``which``): one
+    ``CompileConfig`` per benchmark L and per autotune candidate of ``launch_for(L, dtype)`` -- the
+    op's own ``_launch_config`` at B = ``BENCH_B`` -- plus the flags/sizes ``constexprs_for(dtype)``:
+    the report compiles every config autotuning may pick. Each carries the launch's runtime integer
+    arguments (``L`` and the launch's ``ints``) as ``scalars``.
     """
     from .registry import CompileConfig
 
     runtime = runtime_arg_names(kernel)
 
-    def label(L: int, launch: KernelLaunch, cfg: Any) -> str:
-        grid = launch.grid(launch.meta(cfg))
-        return f"{which} B={BENCH_B} L={L} {sizes} grid={grid} {config_label(cfg)}"
-
     def configs(dtype: str) -> list[Any]:
         out = []
+        sig = signature(kernel, kinds, dtype)
         for L in BENCH_LS:
             launch = launch_for(L, dtype)[which]
+            scalars = {k: v for k, v in {"L": L, **launch.ints}.items() if k in runtime}
             for cfg in launch.configs:
                 out.append(
                     CompileConfig(
-                        label=label(L, launch, cfg),
-                        signature=signature(kernel, kinds, dtype),
+                        label=f"{which} B={BENCH_B} L={L} {sizes} grid={launch.grid(launch.meta(cfg))} "
+                              f"{config_label(cfg)}",
+                        signature=sig,
                         constexprs={**constexprs_for(dtype), **launch.meta(cfg)},
                         num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages,
+                        scalars=scalars,
                     )
                 )
         return out
 
-    def scalars(config: Any) -> dict[str, int]:
-        for dtype in ("fp32", "bf16"):
-            for L in BENCH_LS:
-                launch = launch_for(L, dtype)[which]
-                if any(label(L, launch, cfg) == config.label for cfg in launch.configs):
-                    values = {"L": L, **launch.ints}
-                    return {k: v for k, v in values.items() if k in runtime}
-        raise ValueError(f"no benchmark launch of {kernel.fn.__name__} is labelled {config.label!r}")
-
-    return configs, scalars
+    return configs
 
 
 def use_fast_tanh(dtype_name: str) -> bool:

@@ -358,13 +358,13 @@ def _registry(kernel: Any, which: str, kinds: dict[str, str], flags: dict[str, A
             return dict(D=D, **flags)
         return dict(D=D, A=A, FAST_TANH=common.use_fast_tanh(dtype), **flags)
 
-    configs, scalars = common.bench_registry(
+    configs = common.bench_registry(
         kernel, which, kinds,
         launch_for=lambda L, dtype: _launch_config(B, L, D, A, dtype),
         constexprs_for=constexprs_for,
         sizes=f"D={D} A={A}",
     )
-    return dict(configs=configs, extra={"scalars": scalars})
+    return dict(configs=configs)
 
 
 # The model's local attention has the global weights as prior and its own weights unused by the

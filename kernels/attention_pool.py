@@ -233,13 +233,13 @@ _BWD_KINDS = dict(
 
 
 def _registry(kernel: Any, which: str, kinds: dict[str, str], flags: dict[str, Any]) -> dict[str, Any]:
-    configs, scalars = common.bench_registry(
+    configs = common.bench_registry(
         kernel, which, kinds,
         launch_for=lambda L, dtype: _launch_config(BENCH_B, L, BENCH_D, dtype),
         constexprs_for=lambda dtype: dict(D=BENCH_D, **flags),
         sizes=f"D={BENCH_D}",
     )
-    return dict(configs=configs, extra={"scalars": scalars})
+    return dict(configs=configs)
 
 
 # The model's global attention has no prior and its weights feed the local attention's prior

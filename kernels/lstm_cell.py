@@ -398,6 +398,10 @@ def _bench_configs(which: str, dtype: str) -> list[CompileConfig]:
             **{n: "i32" for n in _BWD_INTS},
         }
         flags, what = {"HAS_DH": True, "HAS_DC": True, "HAS_BIAS": True}, "bias, both grads"
+    # the integer arguments at the benchmark size (contiguous inputs and output grads)
+    B, H = BENCH_B, BENCH_H
+    ints = {"B": B, "H": H, "stride_gx": 4 * H, "stride_h": H, "stride_c": H, "stride_dh": H, "stride_dc": H}
+    scalars = {k: v for k, v in ints.items() if k in signature}
     out = []
     for cfg in launch.configs:
         meta = launch.meta(cfg)
@@ -408,17 +412,10 @@ def _bench_configs(which: str, dtype: str) -> list[CompileConfig]:
                 constexprs={**flags, **meta},
                 num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
+                scalars=scalars,
             )
         )
     return out
-
-
-def _bench_scalars(config: CompileConfig) -> dict[str, int]:
-    """Integer arguments the launchers pass at the benchmark size (contiguous inputs and output
-    grads), so the report specialises them (divisibility by 16) as Triton's JIT would."""
-    B, H = BENCH_B, BENCH_H
-    values = {"B": B, "H": H, "stride_gx": 4 * H, "stride_h": H, "stride_c": H, "stride_dh": H, "stride_dc": H}
-    return {k: v for k, v in values.items() if k in config.signature}
 
 
 register_kernel(
@@ -430,7 +427,6 @@ register_kernel(
         streamed=("gx_ptr", "c_ptr", "h_new_ptr", "c_new_ptr", "gates_ptr"),
         uses_dot=True,
         notes="h @ w_hh.T (4 gate accumulators, fp32) fused with the LSTM gate epilogue",
-        extra={"scalars": _bench_scalars},
     )
 )
 register_kernel(
@@ -442,7 +438,6 @@ register_kernel(
         streamed=("dh_ptr", "dc_ptr", "c_ptr", "gates_ptr", "dgates_ptr", "dc_prev_ptr"),
         uses_dot=False,
         notes="elementwise LSTM gate backward + bias-gradient column sums",
-        extra={"scalars": _bench_scalars},
     )
 )
 

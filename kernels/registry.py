@@ -8,7 +8,7 @@ GPU target without a GPU, and a new kernel cannot be forgotten.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 #: The benchmark sizes at which every kernel's ``configs(dtype)`` reports the launch
@@ -27,6 +27,8 @@ class CompileConfig:
     ``signature`` maps every non-constexpr argument name to a Triton type string ("*bf16",
     "*fp32", "i32", "fp32", ...); ``constexprs`` maps every ``tl.constexpr`` argument to its
     value. ``label`` says which host situation picked it (e.g. "B=256 L=196 D=512").
+    ``scalars``: the runtime integer arguments the launcher passes in that situation (sizes,
+    strides), so that the kernel report specialises them on their values as Triton's JIT does.
     """
 
     label: str
@@ -34,6 +36,7 @@ class CompileConfig:
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 3
+    scalars: Optional[dict[str, int]] = None
 
 
 @dataclass(frozen=True)

@@ -386,7 +386,7 @@ def test_registry_configs(dtype):
             for name, value in launch.meta(cand).items():
                 assert cfg.constexprs[name] == value, (name, cfg.label)
             assert (cfg.num_warps, cfg.num_stages) == (cand.num_warps, cand.num_stages)
-            assert set(spec.extra["scalars"](cfg)) == {n for n, t in cfg.signature.items() if t == "i32"}
+            assert set(cfg.scalars) == {n for n, t in cfg.signature.items() if t == "i32"}
     # several row blocks at the benchmark size: the launcher passes an fp32 partial-sum buffer
     assert all(cfg.signature["dbias_ptr"] == "*fp32" for cfg in bwd.configs(dtype))
 
