@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ._triton import tl, triton
-from ._utils import KernelLaunch, config, config_label
+from ._utils import KernelLaunch, compile_configs, config, unique_configs
 from .registry import BENCH_B, BENCH_LS
 
 #: SMs of an H100/H200. Fixed rather than read off the device so that ``configs()`` gives the
@@ -129,13 +129,8 @@ def split_rows(B: int, L: int, align: int, target: int) -> tuple[int, int]:
 def block_l_configs(width: int, L: int, tiles: Sequence[tuple[int, int, int]]) -> tuple[Any, ...]:
     """Autotune candidates ``[BLOCK_L, width]`` for ``tiles`` = ``(tile elements, warps, stages)``
     (the first is the default); BLOCK_L = rows_per_tile(elements, width, L), duplicates dropped."""
-    out, seen = [], set()
-    for elems, warps, stages in tiles:
-        block_l = rows_per_tile(elems, width, L)
-        if (block_l, warps, stages) not in seen:
-            seen.add((block_l, warps, stages))
-            out.append(config(warps, stages, BLOCK_L=block_l))
-    return tuple(out)
+    return unique_configs(config(warps, stages, BLOCK_L=rows_per_tile(elems, width, L))
+                          for elems, warps, stages in tiles)
 
 
 def max_block_l(configs: Sequence[Any]) -> int:
@@ -189,8 +184,6 @@ def bench_registry(
     the report compiles every config autotuning may pick. Each carries the launch's runtime integer
     arguments (``L`` and the launch's ``ints``) as ``scalars``.
     """
-    from .registry import CompileConfig
-
     runtime = runtime_arg_names(kernel)
 
     def configs(dtype: str) -> list[Any]:
@@ -199,18 +192,7 @@ def bench_registry(
         for L in BENCH_LS:
             launch = launch_for(L, dtype)[which]
             scalars = {k: v for k, v in {"L": L, **launch.ints}.items() if k in runtime}
-            for cfg in launch.configs:
-                out.append(
-                    CompileConfig(
-                        label=f"{which} B={BENCH_B} L={L} {sizes} grid={launch.grid(launch.meta(cfg))} "
-                              f"{config_label(cfg)}",
-                        signature=sig,
-                        constexprs={**constexprs_for(dtype), **launch.meta(cfg)},
-                        num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages,
-                        scalars=scalars,
-                    )
-                )
+            out += compile_configs(launch, f"{which} B={BENCH_B} L={L} {sizes}", sig, constexprs_for(dtype), scalars)
         return out
 
     return configs

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -149,6 +149,36 @@ def config_label(cfg: Any) -> str:
 
 def _config_key(cfg: Any) -> tuple:
     return (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+
+
+def unique_configs(configs: Iterable[Any]) -> tuple[Any, ...]:
+    """``configs`` without repeats (same tiles, warps and stages), in order: clamping the tile
+    candidates to a small problem often makes several equal."""
+    out: dict[tuple, Any] = {}
+    for cfg in configs:
+        out.setdefault(_config_key(cfg), cfg)
+    return tuple(out.values())
+
+
+def compile_configs(
+    launch: KernelLaunch, label: str, signature: dict[str, str], constexprs: dict[str, Any], scalars: dict[str, int]
+) -> list[Any]:
+    """One ``registry.CompileConfig`` per autotune candidate of ``launch`` (for the kernel report):
+    the op's flags/sizes ``constexprs`` plus the launch's, the label extended by the grid and the
+    candidate."""
+    from .registry import CompileConfig
+
+    return [
+        CompileConfig(
+            label=f"{label} grid={launch.grid(launch.meta(cfg))} {config_label(cfg)}",
+            signature=signature,
+            constexprs={**constexprs, **launch.meta(cfg)},
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            scalars=scalars,
+        )
+        for cfg in launch.configs
+    ]
 
 
 _TUNED: dict[tuple, Any] = {}

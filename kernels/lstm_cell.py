@@ -41,7 +41,7 @@ import torch
 from torch.library import triton_op
 
 from ._triton import tl, triton
-from ._utils import KernelLaunch, config, config_label, dtype_name, fast_path, fixed_grid, launch
+from ._utils import KernelLaunch, compile_configs, config, dtype_name, fast_path, fixed_grid, launch, unique_configs
 from .registry import BENCH_B, BENCH_H, CompileConfig, KernelSpec, register_kernel
 
 __all__ = ["lstm_cell", "lstm_cell_ref", "lstm_cell_forward", "lstm_cell_backward_gates"]
@@ -339,16 +339,12 @@ def _launch_config(B: int, H: int, dtype: str) -> dict[str, KernelLaunch]:
         block_b = 64 if B >= 64 else max(16, triton.next_power_of_2(B))
         block_h = 32 if triton.cdiv(B, block_b) * triton.cdiv(H, 32) >= _TARGET_PROGRAMS else 16
     k_cap = max(16, triton.next_power_of_2(H))
-    fwd_configs, seen = [], set()
-    for block_k, warps, stages in FWD_CONFIGS["fp32" if dtype == "fp32" else "half"]:
-        key = (min(block_k, k_cap), warps, stages)
-        if key not in seen:
-            seen.add(key)
-            fwd_configs.append(config(warps, stages, BLOCK_K=key[0]))
+    fwd_configs = unique_configs(config(warps, stages, BLOCK_K=min(block_k, k_cap))
+                                 for block_k, warps, stages in FWD_CONFIGS["fp32" if dtype == "fp32" else "half"])
     fwd = KernelLaunch(
         grid=fixed_grid(triton.cdiv(B, block_b), triton.cdiv(H, block_h)),
         constexprs=dict(BLOCK_B=block_b, BLOCK_H=block_h),
-        configs=tuple(fwd_configs),
+        configs=fwd_configs,
         key=("B", "H"),
     )
 
@@ -402,20 +398,7 @@ def _bench_configs(which: str, dtype: str) -> list[CompileConfig]:
     B, H = BENCH_B, BENCH_H
     ints = {"B": B, "H": H, "stride_gx": 4 * H, "stride_h": H, "stride_c": H, "stride_dh": H, "stride_dc": H}
     scalars = {k: v for k, v in ints.items() if k in signature}
-    out = []
-    for cfg in launch.configs:
-        meta = launch.meta(cfg)
-        out.append(
-            CompileConfig(
-                label=f"{which} B={BENCH_B} H={BENCH_H} {what} grid={launch.grid(meta)} {config_label(cfg)}",
-                signature=signature,
-                constexprs={**flags, **meta},
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-                scalars=scalars,
-            )
-        )
-    return out
+    return compile_configs(launch, f"{which} B={BENCH_B} H={BENCH_H} {what}", signature, flags, scalars)
 
 
 register_kernel(
