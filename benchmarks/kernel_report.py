@@ -872,6 +872,15 @@ def render_markdown(
         "The rows are also checked for sm_80 here; CI compiles sm_90 only.",
         "",
     ]
+    from kernels import _attention_common as attention
+
+    # the op modules (``kernels.attention_pool`` etc. are the ops' functions at package level)
+    additive_op = importlib.import_module("kernels.additive_attention")
+    pool_op = importlib.import_module("kernels.attention_pool")
+
+    from .dfeats_accumulation import traffic_bytes
+
+    per_step_bytes, batched_bytes = traffic_bytes(256, 784, 512, 5, 2)
     lines += [
         "## Autotuning, launch shapes, known costs",
         "",
@@ -880,16 +889,18 @@ def render_markdown(
         "the one the CPU interpreter runs). Grids and partial buffers are fixed by the host, so every "
         "candidate computes the same thing and autotuning (which runs each candidate once per key: the "
         "problem sizes and dtypes) only picks speed.",
-        "- Split launches aim for `2 waves x 132 SMs x resident programs per SM` programs, the resident "
-        "count taken from this table (additive attention: 2/SM; attention pool: 4/SM).",
+        f"- Split launches aim for `{attention.WAVES} waves x {attention.NUM_SMS} SMs x resident programs per "
+        f"SM` programs, the resident count taken from this table (additive attention: "
+        f"{additive_op.RESIDENT_PER_SM}/SM; attention pool: {pool_op.RESIDENT_PER_SM}/SM).",
         "- Stages: the attention loops do not feed `tl.dot`, and Triton does not software-pipeline their "
         "loads (no LDGSTS): their `s2` rows compile to the same registers and instructions as `s1`. The "
         "LSTM forward (`tl.dot`) pipelines with cp.async; its stages change shared memory and occupancy.",
         "- Sizes are specialised (a new B is a new launch configuration and, under `torch.compile`, a "
         "recompilation): the training engine keeps B static (see `kernels/_utils.py`).",
         "- Not in this table: the decoder's per-step dense `dfeats` terms (one `[B, L, D]` write per "
-        "step, summed by autograd) move ~3.5 GB per iteration at B=256, L=784, D=512, T=5 (bf16) where "
-        "one batched product would move ~0.2 GB; why they stay per step, and the measurement: "
+        f"step, summed by autograd) move ~{per_step_bytes / 1e9:.1f} GB per iteration at B=256, L=784, D=512, "
+        f"T=5 (bf16) where one batched product would move ~{batched_bytes / 1e9:.1f} GB; why they stay per step, "
+        "and the measurement: "
         "`python -m benchmarks.dfeats_accumulation` and `kernels/additive_attention.py`.",
         "",
     ]
