@@ -136,7 +136,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """The full metric set (see :func:`c2f_fast.metrics.multilabel_metrics`) on the test loader,
     plus ``pointing_local`` / ``pointing_global`` / ``pointing_local_any`` / ``pointing_local_chance``
-    (and the details under ``"pointing"``) when a pointing-game accumulator is given, and ``num_images`` / ``seconds``."""
+    (and the details under ``"pointing"``) when a pointing-game accumulator is given, and
+    ``num_images`` / ``seconds``."""
     t0 = time.perf_counter()
     on_batch = pointing.update if pointing is not None else None
     out = run_eval(model, loader, info, batch_size, autocast, channels_last, on_batch)
