@@ -168,6 +168,19 @@ def resolve_weights(path: str | os.PathLike, which: str = "best") -> tuple[Path,
     return path, None
 
 
+#: The ``which`` values of :func:`resolve_weights`: a run folder's best or final weights.
+WEIGHTS_CHOICES = ("best", "final")
+
+
+def add_checkpoint_arguments(parser) -> None:
+    """``--checkpoint PATH`` and ``--weights best|final``, shared by every command that reads what
+    training wrote (``c2f eval``, ``visualize``, ``predict``, ``export``)."""
+    parser.add_argument("--checkpoint", required=True, type=Path, metavar="PATH",
+                        help="a run folder, a .safetensors file with model.json beside it, or checkpoint.pt")
+    parser.add_argument("--weights", default="best", choices=WEIGHTS_CHOICES,
+                        help="which weights of a run folder (default: best)")
+
+
 def load_model(path: str | os.PathLike, which: str = "best", fast_kernels: bool = False):
     """``(C2FNet, meta)`` from what training wrote (see :func:`resolve_weights`), on the CPU in
     eval mode. ``meta`` holds ``class_names``, ``class_order`` and the ``model`` config dict."""
@@ -203,6 +216,6 @@ def model_from_state(meta: dict, model_state: dict, source: Path, fast_kernels: 
     return model.eval()
 
 
-__all__ = ["CheckpointError", "atomic_write", "load_checkpoint", "load_model", "model_from_state", "resolve_weights",
+__all__ = ["CheckpointError", "add_checkpoint_arguments", "atomic_write", "load_checkpoint", "load_model", "model_from_state", "resolve_weights",
            "save_checkpoint", "save_weights", "write_model_json", "CHECKPOINT", "PREVIOUS",
-           "FINAL_WEIGHTS", "BEST_WEIGHTS", "MODEL_JSON"]
+           "FINAL_WEIGHTS", "BEST_WEIGHTS", "MODEL_JSON", "WEIGHTS_CHOICES"]

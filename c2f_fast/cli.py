@@ -120,6 +120,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from c2f_fast.checkpoint import add_checkpoint_arguments
+
     parser = argparse.ArgumentParser(prog="c2f", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -156,14 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Evaluate what c2f train wrote (a run folder, a .safetensors file with "
                                     "its model.json, or a checkpoint.pt) on the run's test split or another "
                                     "data set, with greedy decoding.")
-    ev.add_argument("--checkpoint", required=True, type=Path, help="run folder, .safetensors or checkpoint.pt")
+    add_checkpoint_arguments(ev)
     ev.add_argument("--data", help="data root (default: the run's data.root)")
     ev.add_argument("--format", choices=("synthetic", "voc", "coco", "list"), help="data format")
     ev.add_argument("--split", help="test split name or list file")
     ev.add_argument("--loader", choices=("dali", "torch"))
     ev.add_argument("--batch-size", type=int)
     ev.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    ev.add_argument("--weights", choices=("best", "final"), default="best", help="which weights of a run folder")
     ev.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (data.*, run.*)")
     ev.set_defaults(func=_cmd_eval)
@@ -181,10 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="For each image: the global attention and each decoder step's local "
                                      "attention, upsampled and laid over the image, with the class emitted at "
                                      "each step and its probability.")
-    vis.add_argument("--checkpoint", required=True, type=Path, help="run folder, .safetensors or checkpoint.pt")
+    add_checkpoint_arguments(vis)
     vis.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     vis.add_argument("--out", type=Path, default=Path("attention.png"), help="PNG file (default attention.png)")
-    vis.add_argument("--weights", choices=("best", "final"), default="best")
     vis.set_defaults(func=_cmd_visualize)
 
     abl = sub.add_parser("ablate", help="train the rows of the paper's Table II under one budget, one table",

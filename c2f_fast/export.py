@@ -40,6 +40,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .checkpoint import add_checkpoint_arguments
 from .model import C2FNet, greedy_emissions
 
 FORMATS = ("onnx", "torchscript", "exported")
@@ -257,8 +258,7 @@ def export_model(
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of ``c2f export``; also sets ``func=export_command`` as the parser default."""
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a run folder, a .safetensors file with model.json beside it, or checkpoint.pt")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--format", required=True, choices=FORMATS, dest="format",
                         help="onnx (onnxruntime), torchscript (torch.jit), exported (torch.export .pt2)")
     parser.add_argument("--out", required=True, type=Path, metavar="FILE", help="output file")
@@ -268,8 +268,6 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="synthetic images for the check when --images is not given (default 4)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="TOL",
                         help=f"max abs score difference allowed (default {DEFAULT_TOLERANCE:g}, fp32)")
-    parser.add_argument("--weights", default="best", choices=["best", "final"],
-                        help="which weights of a run folder (default: best)")
     parser.set_defaults(func=export_command)
     return parser
 

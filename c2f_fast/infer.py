@@ -56,6 +56,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from .checkpoint import add_checkpoint_arguments
 from .data.base import normalize, resize_whole
 from .data.images import _JPEG_TAIL_WINDOW, BadImageError, sniff_format
 from .model import C2FNet, greedy_emissions
@@ -584,8 +585,7 @@ def _first_line(err: BaseException) -> str:
 def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of ``c2f predict``; also sets ``func=predict_command`` as the parser default."""
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, ...)")
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a run folder, a .safetensors file with model.json beside it, or checkpoint.pt")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per line (with 'error' for a bad image)")
     parser.add_argument("--top-k", type=int, default=None, metavar="K",
                         help="print the K best classes instead of those with score >= threshold")
@@ -597,8 +597,6 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="torch.compile the model (default: on CUDA only)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--weights", default="best", choices=["best", "final"],
-                        help="which weights of a run folder (default: best)")
     parser.set_defaults(func=predict_command)
     return parser
 
