@@ -15,7 +15,8 @@ from typing import Optional
 
 from .checkpoint import CHECKPOINT
 from .config import load_config
-from .train import METRICS_FILE, train
+from .runtime import METRICS_FILE
+from .train import train
 
 #: (row name, folder, overrides): the rows of Table II.
 ROWS = (

@@ -82,7 +82,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from c2f_fast.config import load_config
-    from c2f_fast.train import CONFIG_FILE, TrainingInterrupted, train
+    from c2f_fast.runtime import CONFIG_FILE
+    from c2f_fast.train import TrainingInterrupted, train
 
     config = args.config
     if args.resume is not None and args.resume is not True:  # --resume RUN_DIR

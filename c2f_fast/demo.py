@@ -36,7 +36,8 @@ def run_demo(out: Optional[str | Path] = None, overrides: list[str] = (), figure
     """Train and evaluate the demo; returns the training summary plus ``wall_seconds`` and the
     paths written. A previous demo run in ``out`` is replaced (a folder that is not a run is
     refused)."""
-    from .train import CONFIG_FILE, train
+    from .runtime import CONFIG_FILE
+    from .train import train
 
     t0 = time.perf_counter()
     cfg = load_config(DEMO_CONFIG, [*([f"run.out={out}"] if out is not None else []), *overrides])
@@ -58,7 +59,7 @@ def write_attention_figure(run_dir: Path, num_images: int) -> Optional[Path]:
 
     from .checkpoint import load_model
     from .distributed import DistInfo
-    from .train import CONFIG_FILE, load_datasets
+    from .runtime import CONFIG_FILE, load_datasets
     from .visualize import attention_figure
 
     cfg = load_config(run_dir / CONFIG_FILE)

@@ -166,7 +166,7 @@ def evaluate_checkpoint(path, overrides=(), which: str = "best") -> dict[str, An
     from .checkpoint import load_checkpoint, load_model, model_from_state, resolve_weights
     from .config import load_config
     from .distributed import init_distributed, shutdown
-    from .train import CONFIG_FILE, build_loaders, load_datasets, resolve_settings
+    from .runtime import CONFIG_FILE, build_loaders, load_datasets, resolve_settings
 
     weights, meta_path = resolve_weights(path, which)
     state = None
