@@ -345,6 +345,116 @@ def compile_kernel(spec: KernelSpec, config: CompileConfig, arch: int, dtype: st
     )
 
 
+# --------------------------------------------------------------------------- torch.compile gate
+
+
+def _inductor_preamble() -> str:
+    """The imports Inductor writes above a user kernel it re-emits (torch version dependent)."""
+    try:  # torch >= 2.8: a class method of the Triton kernel codegen
+        from torch._inductor.codegen.triton import TritonKernel
+
+        return TritonKernel.gen_common_triton_imports()
+    except (ImportError, AttributeError):
+        pass
+    try:  # older torch: a module function
+        from torch._inductor.codegen.triton import gen_common_triton_imports
+
+        return gen_common_triton_imports()
+    except ImportError:
+        return "import triton\nimport triton.language as tl\n"
+
+
+def inductor_source(spec: KernelSpec) -> str:
+    """The module Inductor generates for ``spec``'s kernel when ``torch.compile`` meets its op:
+    its common imports, then ``@triton.jit`` and the transitive closure of the kernel's source
+    (``user_defined_triton_kernel_transitive_closure_source_code``): the kernel plus every jit
+    function, constexpr and constant it reaches by *global name*. Anything it reaches another way
+    (``module.helper(...)``) is missing there, which is the bug this gate exists to catch."""
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+
+    closure = user_defined_triton_kernel_transitive_closure_source_code(_jit_function(spec))
+    return f"{_inductor_preamble()}\n@triton.jit\n{closure}\n"
+
+
+def inductor_reemitted(spec: KernelSpec, workdir: Path) -> KernelSpec:
+    """``spec`` with ``fn`` replaced by the kernel loaded from :func:`inductor_source`, written to a
+    file in ``workdir`` (Triton reads a jit function's source from its file) and imported alone."""
+    fn = _jit_function(spec)
+    source = inductor_source(spec)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    path = Path(workdir) / f"inductor_{spec.name}_{digest}.py"
+    path.write_text(source, encoding="utf-8")
+    module_name = f"_c2f_inductor_{spec.name}_{digest}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ReportError(f"kernel {spec.name!r}: Inductor's re-emitted source ({path}) does not import: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    reemitted = getattr(module, fn.__name__, None)
+    if reemitted is None:
+        raise ReportError(f"kernel {spec.name!r}: {fn.__name__} is missing from Inductor's re-emitted source ({path})")
+    return dataclasses.replace(spec, fn=reemitted)
+
+
+@dataclass
+class GateResult:
+    """One kernel compiled, from Inductor's re-emission, for one architecture."""
+
+    kernel: str
+    dtype: str
+    config: str
+    arch: int
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def gate_summary(gate: Sequence[GateResult]) -> str:
+    if not gate:
+        return "torch.compile gate: not run"
+    failed = sorted({(g.kernel, g.arch) for g in gate if g.error})
+    archs = ", ".join(f"sm_{a}" for a in sorted({g.arch for g in gate}, reverse=True))
+    kernels = len({g.kernel for g in gate})
+    if not failed:
+        return f"torch.compile gate: {kernels} kernels re-emitted as Inductor does compile for {archs}"
+    return ("torch.compile gate: FAILED for " + ", ".join(f"{k} (sm_{a})" for k, a in failed)
+            + f" of {kernels} kernels")
+
+
+def inductor_gate(specs: dict[str, KernelSpec], archs: Iterable[int] = DEFAULT_ARCHS) -> list[GateResult]:
+    """Re-emit every kernel the way Inductor does and compile it for every ``arch``: the first
+    config of every dtype (the re-emission is the same for all configs; the per-config SASS checks
+    run on the original kernels). A failure is a result with ``error``, never an exception, so one
+    broken kernel does not hide the others."""
+    if interpreter_active():
+        raise ReportError("inductor_gate: TRITON_INTERPRET is set in this process; use report_subprocess()")
+    results: list[GateResult] = []
+    with tempfile.TemporaryDirectory(prefix="c2f_inductor_gate_") as tmp:
+        for name, spec in specs.items():
+            try:
+                reemitted = inductor_reemitted(spec, Path(tmp))
+            except Exception as exc:
+                text = f"{type(exc).__name__}: {exc}".strip()[-1500:]
+                results += [GateResult(name, dtype, "-", arch, text) for arch in archs for dtype in spec.dtypes]
+                continue
+            for dtype in spec.dtypes:
+                configs = list(spec.configs(dtype))[:1]
+                for arch in archs:
+                    for config in configs:
+                        try:
+                            compile_kernel(reemitted, config, arch, dtype)
+                            results.append(GateResult(name, dtype, config.label, arch))
+                        except Exception as exc:
+                            text = f"{type(exc).__name__}: {exc}".strip()[-1500:]
+                            results.append(GateResult(name, dtype, config.label, arch, text))
+    return results
+
+
 # --------------------------------------------------------------------------- analysis
 
 
@@ -745,6 +855,7 @@ class ReportRun:
     specs: dict[str, KernelSpec]
     wall_s: float
     triton_version: str
+    gate: list[GateResult] = field(default_factory=list)
 
 
 def _spec_json(spec: KernelSpec) -> dict[str, Any]:
@@ -766,6 +877,7 @@ def report_subprocess(
     kernels: Sequence[str] | None = None,
     jobs: int | None = None,
     timeout: float = 600,
+    inductor_archs: Iterable[int] = DEFAULT_ARCHS,
 ) -> ReportRun:
     """:func:`run_report` in a fresh interpreter without ``TRITON_INTERPRET`` (safe from the tests).
 
@@ -783,8 +895,11 @@ def report_subprocess(
             cmd += ["--kernel", name]
         if jobs is not None:
             cmd += ["--jobs", str(jobs)]
+        inductor_archs = list(inductor_archs)
+        cmd += ["--inductor-arch", *map(str, inductor_archs)] if inductor_archs else ["--no-inductor"]
         proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0 or not out.is_file():
+        # exit 1 with a JSON file: some kernel failed; the caller reads which from the reports
+        if proc.returncode not in (0, 1) or not out.is_file():
             raise ReportError(
                 f"`{' '.join(cmd)}` exited {proc.returncode}:\n"
                 f"{proc.stderr.strip()[-3000:]}\n{proc.stdout.strip()[-1000:]}"
@@ -795,6 +910,7 @@ def report_subprocess(
         specs={n: _spec_from_json(n, d) for n, d in data["specs"].items()},
         wall_s=float(data["wall_s"]),
         triton_version=str(data["triton_version"]),
+        gate=[GateResult(**g) for g in data.get("gate", [])],
     )
 
 
@@ -818,6 +934,7 @@ def render_markdown(
     wall_s: float,
     jobs: int,
     argv: Sequence[str],
+    gate: Sequence[GateResult] = (),
 ) -> str:
     import triton
 
@@ -907,6 +1024,13 @@ def render_markdown(
     for arch in archs:
         rows = [r for r in reports if r.arch == arch]
         lines += [f"## {ARCH_LIMITS[arch].name}", "", format_table(rows), ""]
+    lines += ["## torch.compile gate (Inductor's re-emission of each kernel)", "",
+              "When `torch.compile` meets a kernel's op, Inductor re-emits the kernel's source with the jit "
+              "functions it reaches by global name (`user_defined_triton_kernel_transitive_closure_source_code`). "
+              "Each kernel is re-emitted that way and compiled here; a helper called through a module "
+              "attribute fails this gate.", "", gate_summary(gate), ""]
+    lines += [f"- `{g.kernel}` {g.dtype} sm_{g.arch}: {g.error.splitlines()[-1] if g.error else ''}"
+              for g in gate if g.error]
     lines += ["## Problems", ""]
     if problems:
         lines += [f"- `{r.kernel}` {r.dtype} `{r.config}` sm_{r.arch}: {p}" for r, p in problems]
@@ -946,6 +1070,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
     parser.add_argument("--quiet", action="store_true", help="do not print the table")
+    parser.add_argument("--inductor-arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
+                        help="SM versions for the torch.compile gate: every kernel re-emitted as Inductor "
+                             "does and compiled (default: 90 80)")  # fmt: skip
+    parser.add_argument("--no-inductor", action="store_true", help="skip the torch.compile gate")
     args = parser.parse_args(argv)
     if interpreter_active():
         return _rerun_without_interpreter(argv)
@@ -953,6 +1081,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         specs = load_specs(args.module, args.kernel)
         reports = run_report(specs, args.arch, max(1, args.jobs))
+        gate = [] if args.no_inductor else inductor_gate(specs, args.inductor_arch)
     except (ReportError, ValueError) as exc:
         print(f"benchmarks.kernel_report: {exc}", file=sys.stderr)
         return EXIT_CANNOT_REPORT
@@ -966,6 +1095,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "triton_version": triton.__version__,
             "specs": {n: _spec_json(s) for n, s in specs.items()},
             "reports": [r.to_json() for r in reports],
+            "gate": [g.to_json() for g in gate],
         }
         args.json.write_text(json.dumps(payload, indent=1))
     if not args.quiet:
@@ -975,13 +1105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         for r, p in problems:
             print(f"PROBLEM {r.kernel} {r.dtype} [{r.config}] sm_{r.arch}: {p}")
+        print(gate_summary(gate))
         print(f"{len(reports)} configurations in {wall:.1f} s wall since the process started ({args.jobs} jobs)")
     if not args.no_write:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(render_markdown(reports, specs, args.arch, wall, args.jobs, argv))
+        args.out.write_text(render_markdown(reports, specs, args.arch, wall, args.jobs, argv, gate))
         if not args.quiet:
             print(f"wrote {args.out}")
-    if any(r.error for r in reports) or (args.strict and problems):
+    if any(r.error for r in reports) or any(g.error for g in gate) or (args.strict and problems):
         return 1
     return 0
 

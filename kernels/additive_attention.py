@@ -32,6 +32,10 @@ import torch
 from torch.library import triton_op
 
 from . import _attention_common as common
+# The @triton.jit helpers are imported by name and called unqualified: when torch.compile meets
+# this kernel, Inductor re-emits its source with the jit functions it reaches by global *name*;
+# a call through a module attribute (common.helper) would be a NameError in the re-emitted code.
+from ._attention_common import softmax_bwd_delta, tanh_f32
 from ._triton import tl, triton
 from ._utils import config, dtype_name, fast_path, fixed_grid, launch
 from .registry import BENCH_A, BENCH_B, BENCH_D, KernelSpec, register_kernel
@@ -145,7 +149,7 @@ def _additive_attention_fwd_kernel(
             proj_row + offs_l[:, None] * A + offs_a[None, :],
             mask=mask_l[:, None] & mask_a[None, :], other=0.0,
         ).to(tl.float32)
-        t = common.tanh_f32(fp + q_vec[None, :], FAST_TANH)
+        t = tanh_f32(fp + q_vec[None, :], FAST_TANH)
         s = tl.sum(t * v_vec[None, :], 1)
         s = tl.where(mask_l, s, float("-inf"))
         tl.store(scores32 + row * L + offs_l, s, mask=mask_l)
@@ -231,7 +235,7 @@ def _additive_attention_bwd_kernel(
     offs_a = tl.arange(0, BLOCK_A)
     mask_a = offs_a < A
     dctx = tl.load(dcontext + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    delta = common.softmax_bwd_delta(
+    delta = softmax_bwd_delta(
         context32 + row * D, dctx, offs_d, mask_d,
         weights32 + row * L, dweights + row * L, L, HAS_GW, BLOCK_LS,
     )
@@ -271,7 +275,7 @@ def _additive_attention_bwd_kernel(
         mask_la = mask_l[:, None] & mask_a[None, :]
         offs_la = offs_l[:, None] * A + offs_a[None, :]
         fp = tl.load(proj_row + offs_la, mask=mask_la, other=0.0).to(tl.float32)
-        t = common.tanh_f32(fp + q_vec[None, :], FAST_TANH)
+        t = tanh_f32(fp + q_vec[None, :], FAST_TANH)
         du = ds[:, None] * v_vec[None, :] * (1.0 - t * t)  # 0 where a >= A (v = 0) or l >= L
         tl.store(dproj_row + offs_la, du.to(dfeats_proj.dtype.element_ty), mask=mask_la)
         dq_acc += du

@@ -18,6 +18,10 @@ import torch
 from torch.library import triton_op
 
 from . import _attention_common as common
+# The @triton.jit helpers are imported by name and called unqualified: when torch.compile meets
+# this kernel, Inductor re-emits its source with the jit functions it reaches by global *name*;
+# a call through a module attribute (common.helper) would be a NameError in the re-emitted code.
+from ._attention_common import row_softmax_stats, softmax_bwd_delta
 from ._triton import tl, triton
 from ._utils import dtype_name, fast_path, fixed_grid, launch
 from .registry import BENCH_B, BENCH_D, KernelSpec, register_kernel
@@ -95,7 +99,7 @@ def _attention_pool_fwd_kernel(
     pid_d = tl.program_id(1)
     row = b.to(tl.int64)
     scores_row = scores + row * L
-    m, denom = common.row_softmax_stats(scores_row, L, BLOCK_LS)
+    m, denom = row_softmax_stats(scores_row, L, BLOCK_LS)
     inv_denom = 1.0 / denom
 
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -145,7 +149,7 @@ def _attention_pool_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     dctx = tl.load(dcontext + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    delta = common.softmax_bwd_delta(
+    delta = softmax_bwd_delta(
         context32 + row * D, dctx, offs_d, mask_d,
         weights32 + row * L, dweights + row * L, L, HAS_GW, BLOCK_LS,
     )

@@ -147,3 +147,35 @@ register_kernel(
         extra={"scalars": lambda config: _MM_SCALARS},
     )
 )  # fmt: skip
+
+# ----------------------------------------------------------------------------- torch.compile gate
+
+# The real kernels' pattern: a jit helper from kernels._attention_common. ``probe_helper_by_name``
+# imports it by name (Inductor's re-emission carries it); ``probe_helper_by_module`` reaches it
+# through the module (``attention_common.tanh_f32``), which compiles as it stands but is a
+# NameError in the source Inductor re-emits: the gate must reject it.
+from kernels import _attention_common as attention_common  # noqa: E402
+from kernels._attention_common import tanh_f32  # noqa: E402
+
+
+@triton.jit
+def probe_helper_by_name_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tanh_f32(tl.load(x_ptr + offs), False))
+
+
+@triton.jit
+def probe_helper_by_module_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, attention_common.tanh_f32(tl.load(x_ptr + offs), False))
+
+
+def _helper_configs(dtype: str) -> list[CompileConfig]:
+    return [CompileConfig(label="N=128", signature={"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"},
+                          constexprs={"N": 128})]  # fmt: skip
+
+
+register_kernel(KernelSpec(name="probe_helper_by_name", fn=probe_helper_by_name_kernel, dtypes=("fp32",),
+                           configs=_helper_configs))  # fmt: skip
+register_kernel(KernelSpec(name="probe_helper_by_module", fn=probe_helper_by_module_kernel, dtypes=("fp32",),
+                           configs=_helper_configs))  # fmt: skip

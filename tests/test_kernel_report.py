@@ -264,6 +264,20 @@ def test_probe_tensor_core_rule(probes):
     assert any("tensor-core" in p for p in check(fake, probes.specs["probe_no_dot"])), fake.row()
 
 
+@pytest.mark.slow
+def test_inductor_gate_rejects_a_helper_called_through_its_module(probes):
+    """The torch.compile gate: a kernel whose jit helper is reached as ``module.helper`` compiles
+    on its own but not as Inductor re-emits it; the same kernel calling the helper by name passes."""
+    by_name = [g for g in probes.gate if g.kernel == "probe_helper_by_name"]
+    by_module = [g for g in probes.gate if g.kernel == "probe_helper_by_module"]
+    assert {g.arch for g in by_name} == {g.arch for g in by_module} == {90, 80}, probes.gate
+    assert all(not g.error for g in by_name), [g.error for g in by_name]
+    assert by_module and all(g.error for g in by_module), by_module
+    assert all("attention_common" in g.error for g in by_module), by_module[0].error
+    original = _one(probes, "probe_helper_by_module", "fp32")  # the kernel itself compiles
+    assert not original.error
+
+
 # ----------------------------------------------------------------------------- registered kernels
 
 
@@ -283,6 +297,16 @@ def test_every_registered_kernel_compiles_for_sm90(registered):
             rows = [r for r in registered.reports if r.kernel == name and r.dtype == dtype]
             assert rows, f"{name} {dtype}: spec.configs({dtype!r}) gave no configuration to compile"
     failures = _failures(registered, "compile failed")
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.slow
+def test_every_registered_kernel_compiles_as_inductor_reemits_it(registered):
+    """What ``torch.compile`` does with each kernel on a GPU, checked here for sm_90 and sm_80."""
+    kernels = {g.kernel for g in registered.gate}
+    assert kernels == set(registered.specs), "the gate must cover every registered kernel"
+    assert {g.arch for g in registered.gate} == {90, 80}
+    failures = [f"{g.kernel} {g.dtype} sm_{g.arch}: {g.error}" for g in registered.gate if g.error]
     assert not failures, "\n\n".join(failures)
 
 
