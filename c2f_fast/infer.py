@@ -42,6 +42,7 @@ EXIF orientation is not applied (as in training: the boxes of VOC/COCO refer to 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -413,9 +414,9 @@ class C2FClassifier(nn.Module):
         from torchvision.io import ImageReadMode, decode_jpeg
 
         tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-        with self._decode_lock:
+        with self._decode_lock, _on_side_stream(self.device) as ordered:
             try:
-                return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device))
+                return ordered(list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)))
             except Exception:  # noqa: BLE001 -- find the failing image(s) one by one
                 pass
             results: list[Any] = []
@@ -427,7 +428,43 @@ class C2FClassifier(nn.Module):
                         results.append(_decode_cpu(data, src))
                     except _ItemError as err:
                         results.append(err)
-        return results
+            return ordered(results)
+
+
+_SIDE_STREAMS: dict[torch.device, Any] = {}
+
+
+@contextlib.contextmanager
+def _on_side_stream(device: torch.device):
+    """Run nvJPEG decoding on a side stream and order the model's stream after it.
+
+    Why: torchvision's CUDA ``decode_jpeg`` writes its outputs from nvJPEG's own stream. Recent
+    versions make the stream that was current at the call wait for that work; older ones do not
+    promise it, and the outputs are allocated from the current stream's memory pool, where a
+    block freed by the model may still be read by a kernel in flight. On a side stream the
+    outputs come from that stream's own pool, the side stream waits for the model's queued work
+    first, and the model's stream waits for the side stream (an event, no host sync) before it
+    reads the images. ``record_stream`` tells the caching allocator that the model's stream uses
+    them, so their memory is not handed back to the side stream too early. Yields ``ordered``,
+    which applies the last two steps to the decoded list (errors pass through)."""
+    if device.type != "cuda":
+        yield lambda items: items
+        return
+    model_stream = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    side.wait_stream(model_stream)
+
+    def ordered(items: list[Any]) -> list[Any]:
+        model_stream.wait_stream(side)
+        for item in items:
+            if isinstance(item, torch.Tensor) and item.is_cuda:
+                item.record_stream(model_stream)
+        return items
+
+    with torch.cuda.stream(side):
+        yield ordered
 
 
 def _rowwise_sigmoid(logits: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,15 @@ configuration of the model tests).
 """
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
-if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
+import torch  # importing torch does not import triton, so the switch below is still in time
+
+# The question is whether *torch* can run on a GPU, not whether a driver tool is on the PATH
+# (a container may have nvidia-smi and no usable device, or the reverse).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET could be set"
     os.environ["TRITON_INTERPRET"] = "1"
 
 # The checkout's packages (kernels, benchmarks, c2f_fast) first, also under a bare `pytest`.
@@ -24,7 +28,6 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 #: Where the kernel tests put their tensors: the GPU when there is one (compiled kernels), else
