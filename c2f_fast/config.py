@@ -108,9 +108,10 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    """Where the run goes and how it executes. None means "auto": compile, channels_last and the
-    fast kernels are on exactly when training on CUDA; precision "auto" is bf16 on CUDA, fp32 on
-    CPU."""
+    """Where the run goes and how it executes. None / "auto" are decided for the machine
+    (``runtime.resolve_settings``): on CUDA, bf16, channels_last, compile and the fast kernels; on
+    a CPU with bf16 units (AMX-BF16 or AVX512-BF16), bf16 and channels_last; on other CPUs, fp32.
+    Explicit values always win."""
 
     out: str = "runs/default"
     seed: int = 0

@@ -9,6 +9,7 @@ compiled model sees one batch shape and never recompiles mid-run.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -185,6 +186,10 @@ def evaluate_checkpoint(path, overrides=(), which: str = "best") -> dict[str, An
         else:
             model, meta = load_model(path, which=which, fast_kernels=settings.fast_kernels)
         model = model.to(settings.device)
+        if settings.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if info.is_main:
+            print(f"settings: {settings.describe()}", file=sys.stderr, flush=True)
         _, test_set = load_datasets(cfg, info, train=False)
         if list(test_set.class_names) != list(meta["class_names"]):
             raise ValueError(f"{Path(path)}: the model's {len(meta['class_names'])} classes differ from the "
@@ -193,6 +198,6 @@ def evaluate_checkpoint(path, overrides=(), which: str = "best") -> dict[str, An
         _, test_loader = build_loaders(cfg, None, test_set, info, settings)
         pointing = pointing_for(test_set, model.cfg.image_size)
         batch = cfg.data.eval_batch_size or cfg.data.batch_size
-        return evaluate(model, test_loader, info, batch, settings.autocast, False, pointing)
+        return evaluate(model, test_loader, info, batch, settings.autocast, settings.channels_last, pointing)
     finally:
         shutdown(info)

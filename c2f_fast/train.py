@@ -328,9 +328,9 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
 
     runlog = RunLog(run_dir / LOG_FILE, info.is_main)
     out.print(f"training {model_cfg.variant}/{model_cfg.backbone} on {len(train_set)} images "
-              f"({train_set.num_classes} classes), testing on {len(test_set)}; device {settings.device}, "
-              f"{settings.precision}, compile={settings.compile}, fast_kernels={settings.fast_kernels}, "
-              f"loader={cfg.data.loader}, {info.world_size} process(es), {steps_per_epoch} steps/epoch")
+              f"({train_set.num_classes} classes), testing on {len(test_set)}; loader={cfg.data.loader}, "
+              f"{info.world_size} process(es), {steps_per_epoch} steps/epoch")
+    out.print(f"settings: {settings.describe()}")
 
     def save(tag: str) -> Path:
         """Every rank calls it; rank 0 writes."""
