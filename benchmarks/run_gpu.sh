@@ -69,11 +69,13 @@ install_all() {
 export -f env_report install_all
 step env 30 env.txt env_report
 cat "$OUT/env.txt"
+# smoke: 180 s = env ~10 + install ~20 + kernels 60 + smoke 60 + goals with the rest
+if [ -n "$SMOKE" ]; then KERNELS_S=60; SMOKE_S=60; else KERNELS_S=100; SMOKE_S=90; fi
 step install 90 install.log install_all
 KERNEL_TESTS="tests/test_attention_kernels.py tests/test_lstm_cell.py"
-step kernels 100 tests_kernels.log env C2F_KERNELS_AUTOTUNE=0 \
+step kernels $KERNELS_S tests_kernels.log env C2F_KERNELS_AUTOTUNE=0 \
     python -m pytest $KERNEL_TESTS -q -x -rs -p no:cacheprovider -k "not compile"
-step smoke 90 smoke.log python -m benchmarks.gpu_smoke
+step smoke $SMOKE_S smoke.log python -m benchmarks.gpu_smoke
 grep "^smoke " "$OUT/smoke.log"
 step goals 120 goals.log env C2F_BENCH_OUT="$OUT" C2F_BENCH_GOALS_ONLY=1 \
     python -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
