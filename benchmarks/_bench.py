@@ -371,6 +371,8 @@ GOALS: list[Goal] = [
     Goal("gpu", "inference batch-1 latency ≤ 3 ms", "latency", "infer/b1/compiled", 3e-3),
     Goal("cpu", "DALI (fused decode+crop) ≥ 1.1× torch DataLoader, same threads", "ratio", "data/dali", 1.1,
          "data/torch"),
+    Goal("cpu", "bf16 + channels_last training step ≥ 1.5× fp32 NCHW (a CPU with bf16 units)", "ratio",
+         "train/cpu_bf16_cl", 1.5, "train/ref_fp32_eager"),
     Goal("cpu", "compiled decoder fwd+bwd ≥ 1.5× eager", "ratio", "decoder/fwdbwd/ref_compiled", 1.5,
          "decoder/fwdbwd/ref_eager"),
 ]

@@ -5,7 +5,8 @@ forcing.
 GPU (VGG-16, 224 px, batch 256): the eager fp32 reference (no compile, NCHW, reference decoder)
 against the fast configuration (bf16 autocast, ``torch.compile``, channels_last, Triton decoder).
 CPU (the ``tiny`` backbone, 128 px, batch 16): eager fp32 against compiled fp32 (the Triton fast
-path is GPU-only).
+path is GPU-only) and against bf16 autocast + channels_last (``cpu_bf16_cl``, what
+``run.precision=auto`` picks on a CPU with AMX-BF16 or AVX512-BF16).
 
 MFU = FLOPs per image (``c2f_fast.train.training_flops_per_image``: torch's FLOP counter on the
 reference path, forward + backward) × images/s ÷ the device's dense bf16 peak
@@ -29,6 +30,8 @@ VARIANTS = {
     "ref_fp32_eager": ("fp32", False, False, False),
     "ref_fp32_compiled": ("fp32", True, False, False),
     "fast_bf16_compiled": ("bf16", True, True, True),
+    # the CPU's bf16 units (AMX-BF16 / AVX512-BF16): what run.precision=auto picks on such a CPU
+    "cpu_bf16_cl": ("bf16", False, True, False),
 }
 
 _FLOPS_CACHE: dict = {}
@@ -39,6 +42,8 @@ def test_train_step(benchmark, profile, variant):
     precision, compiled, channels_last, fast = VARIANTS[variant]
     if profile.cuda and variant == "ref_fp32_compiled":
         pytest.skip("on the GPU the comparison is eager fp32 reference vs compiled bf16 fast")
+    if profile.cuda and variant == "cpu_bf16_cl":
+        pytest.skip("a CPU case: bf16 autocast + channels_last on the CPU's bf16 units")
     if not profile.cuda and variant == "fast_bf16_compiled":
         pytest.skip("the fast configuration (bf16, Triton decoder) is GPU-only; the CPU compares eager vs compiled fp32")
     B, S, C, dev = profile.train_batch, profile.image_size, profile.C, profile.device
