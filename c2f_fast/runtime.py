@@ -66,9 +66,8 @@ def load_datasets(cfg: TrainConfig, info: DistInfo, train: bool = True):
         barrier(info)
     if d.format in ("synthetic", "voc"):
         year = d.year if d.format == "voc" else "2007"
-        own = d.format == "synthetic"  # XML this package wrote: readable without defusedxml
-        train_set = load_voc(root, year, d.train_split, difficult=d.difficult, own_xml=own) if train else None
-        test_set = load_voc(root, year, d.test_split, difficult="ignore", own_xml=own)
+        train_set = load_voc(root, year, d.train_split, difficult=d.difficult) if train else None
+        test_set = load_voc(root, year, d.test_split, difficult="ignore")
     elif d.format == "coco":
         ann = lambda split: root / "annotations" / f"instances_{split}.json"  # noqa: E731
         for split in (d.train_split, d.test_split) if train else (d.test_split,):

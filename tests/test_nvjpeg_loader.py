@@ -172,7 +172,8 @@ def test_bad_images_are_skipped_up_front(tmp_path):
 # ----------------------------------------------------------------------------- auto
 def test_auto_without_dali_on_the_cpu_is_torch(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import nvidia.dali now raises ImportError
-    assert choose_backend("auto", torch.device("cpu")) == ("torch", "auto: nvidia.dali not importable, no CUDA")
+    where = "CPU device" if torch.cuda.is_available() else "no CUDA"
+    assert choose_backend("auto", torch.device("cpu")) == ("torch", f"auto: nvidia.dali not importable, {where}")
     loader = build_loader(_write_set(tmp_path, 4), 2, False, SIZE, device="cpu", num_workers=0)  # the default
     assert loader.backend == "torch" and "nvidia.dali not importable" in loader.reason
 

@@ -243,7 +243,7 @@ def choose_backend(backend: str, device: torch.device) -> tuple[str, str]:
         where = "its nvJPEG decoding on CUDA" if device.type == "cuda" else "its CPU operators (no CUDA)"
         return "dali", f"auto: nvidia.dali imports; {where}"
     if device.type != "cuda":
-        return "torch", f"auto: {problem}, no CUDA"
+        return "torch", f"auto: {problem}, " + ("CPU device" if torch.cuda.is_available() else "no CUDA")
     nvjpeg_problem = _nvjpeg_problem(device)
     if nvjpeg_problem is None:
         return "nvjpeg", f"auto: {problem}; CUDA: torchvision's nvJPEG decoding on {device}"

@@ -17,12 +17,13 @@ that the boxes of both readers mean the same thing (pixel ``i`` covers ``[i, i +
 
 XML parsing: annotation files are untrusted input, read with ``defusedxml`` (imported when the
 first file is parsed; without it, :class:`~c2f_fast.deps.MissingPackageError` says so). One
-exception, asked for by the caller with ``own_xml=True``: the built-in synthetic set, whose XML this
-package writes itself. Without defusedxml its files are read with the standard library's expat,
-after a first expat pass that refuses any document type declaration (DTD). Without a DTD an XML
-file cannot declare entities, so neither entity expansion (billion laughs) nor external entities
-can happen: the same refusal as defusedxml's ``forbid_dtd``, the only one its files need. With
-defusedxml installed, every file goes through it.
+exception: the built-in synthetic set, whose XML this package writes itself (``own_xml``; by default,
+a dataset folder holding the generator's manifest ``synthetic.json``). Without defusedxml its files
+are read with the standard library's expat, after a first expat pass that refuses any document type
+declaration (DTD). Without a DTD an XML file cannot declare entities, so neither entity expansion
+(billion laughs) nor external entities can happen: the same refusal as defusedxml's
+``forbid_dtd``, and the only one the synthetic set's files need. (A manifest copied into a foreign
+folder only buys that same DTD refusal.) With defusedxml installed, every file goes through it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ VOC_CLASSES: tuple[str, ...] = (
 
 #: Name of the optional class-list file in the dataset directory (one class name per line).
 CLASSES_FILE = "classes.txt"
+#: The synthetic set's manifest (``synthetic.MANIFEST``): its folder holds XML this package wrote.
+SYNTHETIC_MANIFEST = "synthetic.json"
 
 DifficultMode = Literal["ignore", "positive", "negative"]
 #: Target value of a class present only through difficult objects, per ``difficult`` mode.
@@ -195,7 +198,7 @@ def load_voc(
     year: str = "2007",
     split: str = "trainval",
     difficult: DifficultMode = "ignore",
-    own_xml: bool = False,
+    own_xml: bool | None = None,
 ) -> MultiLabelSet:
     """Read a VOC-layout split into a :class:`MultiLabelSet`.
 
@@ -208,7 +211,7 @@ def load_voc(
             objects: ``"ignore"`` → -1 (the VOC evaluation convention), ``"positive"`` → 1,
             ``"negative"`` → 0. A class with at least one non-difficult object is always 1.
         own_xml: the annotations were written by this package (the synthetic set): readable without
-            defusedxml (see the module docstring). Leave it False for any other data.
+            defusedxml (see the module docstring). None: when the folder holds ``synthetic.json``.
 
     Returns:
         images in split-file order; ``image_paths`` = ``JPEGImages/<id>.jpg`` (not checked here);
@@ -220,7 +223,7 @@ def load_voc(
         FileNotFoundError: dataset directory, split file or an annotation file missing (names the path).
         ValueError: bad ``difficult`` mode; malformed or unsafe XML, unknown class name, bad box
             (names the file).
-        MissingPackageError: defusedxml is not installed (and ``own_xml`` is False).
+        MissingPackageError: defusedxml is not installed (and the XML is not the synthetic set's).
     """
     if difficult not in _DIFFICULT_VALUE:
         raise ValueError(f"difficult: expected one of {sorted(_DIFFICULT_VALUE)}, got {difficult!r}")
@@ -228,6 +231,8 @@ def load_voc(
     class_file = data_dir / CLASSES_FILE
     class_names = read_class_file(class_file) if class_file.is_file() else list(VOC_CLASSES)
     class_index = {n: i for i, n in enumerate(class_names)}
+    if own_xml is None:
+        own_xml = (data_dir / SYNTHETIC_MANIFEST).is_file()
 
     ids = read_split_ids(data_dir / "ImageSets" / "Main" / f"{split}.txt")
     targets = np.zeros((len(ids), len(class_names)), dtype=np.int8)
