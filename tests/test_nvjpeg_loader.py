@@ -10,10 +10,12 @@ CPU loader within the decoders' rounding.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import requires_cuda
 from PIL import Image, ImageDraw
 
 from c2f_fast.data import BadImageError, build_loader
@@ -21,7 +23,6 @@ from c2f_fast.data import loaders as loaders_module
 from c2f_fast.data.loaders import IMAGENET_STD, choose_backend, default_workers
 from c2f_fast.data.records import MultiLabelSet
 from c2f_fast.data.torch_pipeline import draw_train_view, train_view_seed
-from conftest import requires_cuda
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
@@ -140,11 +141,11 @@ def test_start_batch_resumes_an_epoch_without_reading_the_skipped_batches(mixed_
 def test_a_corrupt_jpeg_names_the_file(tmp_path):
     ds = _write_set(tmp_path, 6)
     bad = ds.image_paths[4]
-    data = bytearray(open(bad, "rb").read())
+    data = bytearray(Path(bad).read_bytes())
     start = data.index(b"\xff\xda")  # the start of scan: keep the headers and the end marker
     data[start + 20 : -2] = b"\x00" * (len(data) - start - 22)
     data[start + 2 : start + 4] = b"\xff\xff"  # an impossible scan header length
-    open(bad, "wb").write(bytes(data))
+    Path(bad).write_bytes(bytes(data))
     loader = build_loader(ds, 3, False, SIZE, backend="nvjpeg", device="cpu", num_workers=0)  # header scan passes
     with pytest.raises(BadImageError, match="img_004.jpg") as err:
         _epochs(loader, 1)

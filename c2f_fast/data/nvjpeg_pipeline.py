@@ -35,9 +35,15 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .base import Batch, LoaderConfig, normalize, resize_whole
+from .base import Batch, normalize, resize_whole
 from .images import BadImageError, check_image, sniff_format
-from .torch_pipeline import TorchLoader, _Failed, apply_train_view, decode_rgb, draw_train_view
+from .torch_pipeline import (
+    TorchLoader,
+    _Failed,
+    apply_train_view,
+    decode_rgb,
+    draw_train_view,
+)
 
 #: What a worker hands over per image: ("jpeg", encoded bytes) or ("rgb", decoded uint8 [3, H, W]).
 Item = tuple[str, torch.Tensor]
