@@ -29,7 +29,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
         print(f"nvidia-dali  {dali.__version__}")
     except ImportError:
-        print("nvidia-dali  not installed (use the 'torch' loader backend)")
+        print("nvidia-dali  not installed (data.loader=auto uses 'nvjpeg' on CUDA, 'torch' otherwise)")
     if torch.cuda.is_available():
         print(f"device       {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
     else:
@@ -122,6 +122,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from c2f_fast.checkpoint import add_checkpoint_arguments
+    from c2f_fast.data.base import BACKENDS
 
     parser = argparse.ArgumentParser(prog="c2f", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="data root (default: the run's data.root)")
     ev.add_argument("--format", choices=("synthetic", "voc", "coco", "list"), help="data format")
     ev.add_argument("--split", help="test split name or list file")
-    ev.add_argument("--loader", choices=("dali", "torch"))
+    ev.add_argument("--loader", choices=BACKENDS)
     ev.add_argument("--batch-size", type=int)
     ev.add_argument("--device", choices=("auto", "cpu", "cuda"))
     ev.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
@@ -223,11 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     from c2f_fast.checkpoint import CheckpointError
     from c2f_fast.config import ConfigError
     from c2f_fast.data.images import BadImageError
+    from c2f_fast.deps import MissingPackageError
 
     try:
         return args.func(args)
     except (CLIError, ConfigError, CheckpointError, BadImageError, FileNotFoundError, FileExistsError,
-            ValueError) as exc:
+            ValueError, MissingPackageError) as exc:
         print(f"c2f {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

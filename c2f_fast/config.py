@@ -53,8 +53,10 @@ class DataConfig:
     preset, synthetic_seed: the synthetic set's preset ("demo" or "hard") and seed.
     difficult: training target of a VOC class present only through difficult objects (evaluation
         always ignores it).
-    loader: "dali" (default; GPU decoding with nvJPEG on CUDA) or "torch" (torchvision DataLoader).
-    workers: DALI threads or DataLoader worker processes.
+    loader: "auto" (default: "dali" when nvidia.dali imports, else "nvjpeg" on CUDA, else "torch"),
+        "dali" (DALI pipeline; GPU decoding with nvJPEG on CUDA), "nvjpeg" (torchvision's batched
+        nvJPEG decoding and the transforms on the GPU, no DALI) or "torch" (torchvision DataLoader).
+    workers: DALI threads or DataLoader worker processes; empty (null): from the CPU cores.
     batch_size: per process (GPU); eval_batch_size defaults to batch_size.
     limit_train, limit_test: use only the first N images (0: all); for smoke tests.
     """
@@ -68,8 +70,8 @@ class DataConfig:
     synthetic_seed: int = 0
     difficult: str = "ignore"
     drop_empty: bool = False
-    loader: str = "dali"
-    workers: int = 4
+    loader: str = "auto"
+    workers: Optional[int] = None
     batch_size: int = 32
     eval_batch_size: Optional[int] = None
     crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE

@@ -24,18 +24,25 @@ def class_frequency_order(targets) -> torch.Tensor:
     return torch.sort(-counts, stable=True).indices
 
 
-def label_sequences(targets, class_order, steps: int) -> torch.Tensor:
+def label_sequences(targets, class_order, steps: int, check: bool = True) -> torch.Tensor:
     """Each image's positive classes (``targets == 1``) in ``class_order``, cut or padded to
-    ``steps`` entries with PAD (-1). Returns a LongTensor [N, steps]."""
-    t = _as_targets(targets)
+    ``steps`` entries with PAD (-1). Returns a LongTensor [N, steps].
+
+    ``check`` validates the values of ``targets`` (1 / 0 / -1) and that ``class_order`` is a
+    permutation: two reads of device data on the host. The training step passes ``check=False``
+    (its targets were checked when the data set was read, its class order when the step was
+    built), so that building the sequences on the GPU never waits for it.
+    """
+    t = _as_targets(targets) if check else targets
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected a positive integer, got {steps!r}")
     N, C = t.shape
     order = torch.as_tensor(class_order, dtype=torch.long, device=t.device)
-    if order.shape != (C,) or not torch.equal(torch.sort(order).values, torch.arange(C, device=t.device)):
+    if order.shape != (C,):
+        raise ValueError(f"class_order: expected a permutation of the {C} class indices, got shape {tuple(order.shape)}")
+    if check and not torch.equal(torch.sort(order).values, torch.arange(C, device=t.device)):
         raise ValueError(f"class_order: expected a permutation of the {C} class indices")
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(C, device=t.device)
+    rank = torch.argsort(order)  # the inverse permutation: rank[order[i]] = i
     # positives sort by their rank, everything else after them
     key = torch.where(t == 1, rank.unsqueeze(0), torch.full_like(rank, C).unsqueeze(0))
     sorted_key, classes = torch.sort(key, dim=1, stable=True)

@@ -7,6 +7,8 @@ global attention, the local attention and the LSTM step; otherwise the decoder i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Optional
@@ -21,6 +23,26 @@ VARIANTS = ("vgg", "lstm", "lstm_l", "lstm_lg")
 
 #: Label-sequence padding value (past an image's last label).
 PAD = -1
+
+_VALUE_CHECKS = contextvars.ContextVar("c2f_value_checks", default=True)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Turn the data-dependent input checks of the model and the loss (label indices in range,
+    targets in {1, 0, -1}) on or off inside the block. Each check reads a device tensor on the host,
+    a sync that stalls the GPU; the training step turns them off, since its inputs are checked once
+    when the data is read. Checks are also skipped while ``torch.compile`` traces."""
+    token = _VALUE_CHECKS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.reset(token)
+
+
+def checking_values() -> bool:
+    """Whether the data-dependent input checks run here (see :func:`value_checks`)."""
+    return not torch.compiler.is_compiling() and _VALUE_CHECKS.get()
 
 
 @dataclass
@@ -184,7 +206,7 @@ class C2FNet(nn.Module):
             )
         if label_seq.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise ValueError(f"label_seq: expected an integer tensor, got {label_seq.dtype}")
-        if not torch.compiler.is_compiling():  # a data-dependent check: skipped when traced
+        if checking_values():  # a data-dependent check (a host sync): see value_checks()
             lo, hi = int(label_seq.min()), int(label_seq.max())
             if lo < PAD or hi >= C:
                 raise ValueError(

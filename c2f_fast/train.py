@@ -34,7 +34,7 @@ from .distributed import DistInfo, all_gather_objects, any_rank, barrier, init_d
 from .evaluate import evaluate, pointing_for
 from .labels import class_frequency_order, label_sequences
 from .losses import c2f_loss
-from .model import C2FNet
+from .model import C2FNet, value_checks
 from .runtime import (CONFIG_FILE, CURVES_FILE, LOG_FILE, METRICS_FILE, Settings, build_loaders,  # noqa: F401
                       load_datasets, resolve_settings)
 
@@ -88,8 +88,8 @@ class TrainStep:
     The forward and the loss are one function, compiled once when ``settings.compile``; autocast
     wraps it. ``net`` is the model, or its DDP wrapper. ``step(images, targets)`` returns
     ``(loss, parts, finite)``, the loss detached; a non-finite loss skips the update (the caller
-    counts). ``finite`` is the one host sync of the step: asking the loss again after the update
-    would wait for the whole backward and optimiser step.
+    counts). ``finite`` is the one host sync of the step (tests/test_host_syncs.py counts them):
+    asking the loss again after the update would wait for the whole backward and optimiser step.
     The benchmarks time this same object.
     """
 
@@ -97,8 +97,10 @@ class TrainStep:
                  scaler: torch.amp.GradScaler, class_order: torch.Tensor, cfg: TrainConfig, settings: Settings):
         self.net, self.model, self.optimizer, self.scaler = net, model, optimizer, scaler
         self.settings, self.grad_clip = settings, cfg.optim.grad_clip
-        self.class_order = class_order.to(settings.device)
         self.steps = model.cfg.steps
+        # the order's check runs here, once: the step builds its sequences unchecked (no host sync)
+        label_sequences(torch.zeros(1, len(class_order), dtype=torch.int8), class_order, self.steps)
+        self.class_order = class_order.to(settings.device)
         o, teacher = cfg.optim, cfg.optim.feed == "teacher"
 
         def forward_loss(images, targets, seq):
@@ -110,8 +112,10 @@ class TrainStep:
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict, bool]:
         if self.settings.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        seq = label_sequences(targets, self.class_order, self.steps)
-        with self.settings.autocast():
+        # The loader's targets were checked when the data set was read: no value checks (host syncs)
+        # here, so the step's one sync is the finite-loss check below.
+        seq = label_sequences(targets, self.class_order, self.steps, check=False)
+        with self.settings.autocast(), value_checks(False):
             loss, parts = self.forward_loss(images, targets, seq)
         finite = bool(torch.isfinite(loss))
         if finite:
@@ -328,9 +332,11 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
 
     runlog = RunLog(run_dir / LOG_FILE, info.is_main)
     out.print(f"training {model_cfg.variant}/{model_cfg.backbone} on {len(train_set)} images "
-              f"({train_set.num_classes} classes), testing on {len(test_set)}; loader={cfg.data.loader}, "
+              f"({train_set.num_classes} classes), testing on {len(test_set)}; "
               f"{info.world_size} process(es), {steps_per_epoch} steps/epoch")
     out.print(f"settings: {settings.describe()}")
+    out.print(f"loader: {train_loader.backend} ({train_loader.reason}), {train_loader.config.num_workers} "
+              f"{'thread' if train_loader.backend == 'dali' else 'worker'}(s)")
 
     def save(tag: str) -> Path:
         """Every rank calls it; rank 0 writes."""

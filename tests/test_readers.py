@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from c2f_fast.data import VOC_CLASSES, load_coco, load_list, load_voc
+from c2f_fast.data.voc import parse_voc_xml
+from c2f_fast.deps import MissingPackageError
+
+
+def _needs(package: str):
+    """Skip when ``package`` (optional: only its reader needs it) is not installed."""
+    missing = importlib.util.find_spec(package) is None
+    return pytest.mark.skipif(missing, reason=f"needs {package} (optional: pip install {package})")
+
+
+needs_defusedxml, needs_pycocotools = _needs("defusedxml"), _needs("pycocotools")
 
 # ------------------------------------------------------------------------------------------ VOC
 
@@ -78,6 +91,7 @@ def _expected_targets(hard_value: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode,hard_value", [("ignore", -1), ("positive", 1), ("negative", 0)])
+@needs_defusedxml
 def test_voc_difficult_modes(voc_root: Path, mode: str, hard_value: int) -> None:
     ds = load_voc(voc_root, split="trainval", difficult=mode)
     assert ds.class_names == list(VOC_CLASSES)
@@ -85,6 +99,7 @@ def test_voc_difficult_modes(voc_root: Path, mode: str, hard_value: int) -> None
     assert ds.targets.dtype == np.int8
 
 
+@needs_defusedxml
 def test_voc_boxes_and_paths(voc_root: Path) -> None:
     ds = load_voc(voc_root)
     # every object kept, difficult ones too; 1-based inclusive -> 0-based continuous coordinates
@@ -98,6 +113,7 @@ def test_voc_boxes_and_paths(voc_root: Path) -> None:
     assert all(Path(p).parent.name == "JPEGImages" for p in ds.image_paths)
 
 
+@needs_defusedxml
 def test_voc_root_forms(voc_root: Path) -> None:
     via_devkit = load_voc(voc_root, year="2007", split="test")
     via_dataset_dir = load_voc(voc_root / "VOC2007", year="2012", split="test")  # year unused here
@@ -107,6 +123,7 @@ def test_voc_root_forms(voc_root: Path) -> None:
         load_voc(voc_root, year="2012")
 
 
+@needs_defusedxml
 def test_voc_custom_class_file(tmp_path: Path) -> None:
     root = _write_voc(
         tmp_path,
@@ -122,18 +139,21 @@ def test_voc_custom_class_file(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.targets, [[0, 1, 0], [-1, 0, 0]])
 
 
+@needs_defusedxml
 def test_voc_unknown_class_names_file_and_name(tmp_path: Path) -> None:
     root = _write_voc(tmp_path, {"a": _xml("a.jpg", [_obj("unicorn", (1, 1, 5, 5))])}, {"train": ["a"]})
     with pytest.raises(ValueError, match=r"a\.xml.*unicorn"):
         load_voc(root, split="train")
 
 
+@needs_defusedxml
 def test_voc_malformed_xml(tmp_path: Path) -> None:
     root = _write_voc(tmp_path, {"bad": "<annotation><object><name>dog</name></annotation>"}, {"train": ["bad"]})
     with pytest.raises(ValueError, match=r"bad\.xml.*malformed"):
         load_voc(root, split="train")
 
 
+@needs_defusedxml
 def test_voc_missing_bndbox_field(tmp_path: Path) -> None:
     text = _xml("a.jpg", [_obj("dog", (1, 1, 5, 5))]).replace("<xmax>5</xmax>", "")
     root = _write_voc(tmp_path, {"a": text}, {"train": ["a"]})
@@ -152,12 +172,14 @@ BILLION_LAUGHS = """<?xml version="1.0"?>
 """
 
 
+@needs_defusedxml
 def test_voc_entity_expansion_refused(tmp_path: Path) -> None:
     root = _write_voc(tmp_path, {"lolz": BILLION_LAUGHS}, {"train": ["lolz"]})
     with pytest.raises(ValueError, match=r"lolz\.xml.*unsafe XML"):
         load_voc(root, split="train")
 
 
+@needs_defusedxml
 def test_voc_missing_files(voc_root: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"Main[/\\]val\.txt"):
         load_voc(voc_root, split="val")
@@ -166,9 +188,66 @@ def test_voc_missing_files(voc_root: Path) -> None:
         load_voc(voc_root, split="test")
 
 
+@needs_defusedxml
 def test_voc_bad_difficult_mode(voc_root: Path) -> None:
     with pytest.raises(ValueError, match="difficult"):
         load_voc(voc_root, difficult="drop")  # type: ignore[arg-type]
+
+
+def _block(monkeypatch, *modules: str) -> None:
+    """Make ``import module`` raise ImportError for each of ``modules`` (as if not installed)."""
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)
+
+
+def test_voc_without_defusedxml_names_the_package(voc_root: Path, monkeypatch) -> None:
+    _block(monkeypatch, "defusedxml", "defusedxml.ElementTree")
+    with pytest.raises(MissingPackageError, match="reading VOC annotation XML needs the package defusedxml.*"
+                                                  "pip install defusedxml"):
+        load_voc(voc_root)
+
+
+def test_own_xml_without_defusedxml_reads_it_with_the_standard_library(voc_root: Path, monkeypatch) -> None:
+    """The synthetic set's own XML (own_xml=True) needs no defusedxml: same targets and boxes."""
+    _block(monkeypatch, "defusedxml", "defusedxml.ElementTree")
+    ds = load_voc(voc_root, split="trainval", difficult="ignore", own_xml=True)
+    np.testing.assert_array_equal(ds.targets, _expected_targets(-1))
+    assert ds.boxes[0][0] == (DOG, 9.0, 19.0, 110.0, 120.0) and ds.boxes[2] == []
+
+
+def test_a_synthetic_set_folder_is_own_xml(voc_root: Path, monkeypatch) -> None:
+    """By default the folder's synthetic.json (the generator's manifest) marks the XML as our own."""
+    _block(monkeypatch, "defusedxml", "defusedxml.ElementTree")
+    (voc_root / "VOC2007" / "synthetic.json").write_text("{}")
+    np.testing.assert_array_equal(load_voc(voc_root).targets, _expected_targets(-1))
+    with pytest.raises(MissingPackageError, match="defusedxml"):
+        load_voc(voc_root, own_xml=False)
+
+
+EXTERNAL_ENTITY = """<?xml version="1.0"?>
+<!DOCTYPE annotation [<!ENTITY secret SYSTEM "file:///etc/passwd">]>
+<annotation><object><name>&secret;</name></object></annotation>
+"""
+
+
+@pytest.mark.parametrize("text, message", [
+    (BILLION_LAUGHS, "unsafe XML"), (EXTERNAL_ENTITY, "unsafe XML"),
+    ('<!DOCTYPE annotation SYSTEM "http://example.com/a.dtd"><annotation/>', "unsafe XML"),
+    ("<annotation><object><name>dog</name></annotation>", "malformed"),
+    ("<annotation><object><name>&lol;</name></object></annotation>", "malformed"),  # undeclared entity
+], ids=["billion_laughs", "external_entity", "external_dtd", "malformed", "undeclared_entity"])
+def test_own_xml_without_defusedxml_refuses_dtds(tmp_path: Path, monkeypatch, text: str, message: str) -> None:
+    _block(monkeypatch, "defusedxml", "defusedxml.ElementTree")
+    path = tmp_path / "a.xml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"a\.xml: {message}"):
+        parse_voc_xml(path, {"dog": 0}, own_xml=True)
+
+
+def test_coco_without_pycocotools_names_the_package(tmp_path: Path, monkeypatch) -> None:
+    _block(monkeypatch, "pycocotools", "pycocotools.coco")
+    with pytest.raises(MissingPackageError, match="reading COCO annotation JSON needs the package pycocotools"):
+        load_coco(_write_json(tmp_path / "instances.json", _coco_json()), tmp_path / "imgs")
 
 
 # ----------------------------------------------------------------------------------------- COCO
@@ -202,6 +281,7 @@ def _write_json(path: Path, data: object) -> Path:
     return path
 
 
+@needs_pycocotools
 def test_coco_labels_boxes_order(tmp_path: Path) -> None:
     ds = load_coco(_write_json(tmp_path / "instances.json", _coco_json()), tmp_path / "imgs")
     assert ds.class_names == ["person", "car", "kite"]
@@ -215,6 +295,7 @@ def test_coco_labels_boxes_order(tmp_path: Path) -> None:
     ]
 
 
+@needs_pycocotools
 def test_coco_drop_empty(tmp_path: Path) -> None:
     ds = load_coco(_write_json(tmp_path / "instances.json", _coco_json()), tmp_path, drop_empty=True)
     assert [Path(p).name for p in ds.image_paths] == ["a.jpg", "b.jpg"]
@@ -230,6 +311,7 @@ def test_coco_drop_empty(tmp_path: Path) -> None:
         (lambda d: d["annotations"][0].pop("bbox"), "bbox"),
     ],
 )
+@needs_pycocotools
 def test_coco_missing_key(tmp_path: Path, mutate, key: str) -> None:
     data = _coco_json()
     mutate(data)
@@ -238,6 +320,7 @@ def test_coco_missing_key(tmp_path: Path, mutate, key: str) -> None:
         load_coco(path, tmp_path)
 
 
+@needs_pycocotools
 def test_coco_dangling_ids_and_bad_json(tmp_path: Path) -> None:
     data = _coco_json()
     data["annotations"][0]["category_id"] = 2  # no such category

@@ -1,4 +1,4 @@
-"""Datasets (VOC, COCO, list files, the built-in synthetic set) and loaders (DALI, torchvision).
+"""Datasets (VOC, COCO, list files, the built-in synthetic set) and loaders (DALI, nvJPEG, torchvision).
 
 Names are imported on first use, so that ``import c2f_fast.data`` does not load DALI.
 """

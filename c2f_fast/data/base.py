@@ -29,7 +29,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_SCALE = (0.25, 1.0)
 DEFAULT_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
-BACKENDS = ("dali", "torch")
+#: ``auto`` picks one of the others for the machine (:func:`c2f_fast.data.loaders.choose_backend`).
+BACKENDS = ("auto", "dali", "nvjpeg", "torch")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _VERIFY = ("header", "decode", "none")
 _ON_BAD = ("error", "skip")
@@ -93,6 +94,8 @@ class ImageLoader(ABC):
     """
 
     backend: str = ""
+    #: Why this backend runs (set by :func:`build_loader`, e.g. ``"auto: nvidia.dali not importable"``).
+    reason: str = ""
 
     def __init__(
         self, dataset: MultiLabelSet, indices: np.ndarray, config: LoaderConfig, report: BadImageReport

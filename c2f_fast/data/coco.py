@@ -2,7 +2,8 @@
 
 The JSON is read and its structure checked here first, so that a broken file gives a
 :class:`ValueError` naming the file and the missing key instead of a bare ``KeyError`` / assertion
-from inside pycocotools; pycocotools then builds the image → annotation index.
+from inside pycocotools; pycocotools then builds the image → annotation index. pycocotools is imported
+when a file is read; without it, :class:`~c2f_fast.deps.MissingPackageError` names the package.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pycocotools.coco import COCO
 
+from ..deps import require
 from .records import Box, MultiLabelSet
 
 
@@ -82,7 +83,9 @@ def load_coco(
     Raises:
         FileNotFoundError: the JSON file is missing.
         ValueError: not JSON, or a missing key / dangling id / bad bbox (names the file and the key).
+        MissingPackageError: pycocotools is not installed.
     """
+    COCO = require("pycocotools.coco", "pycocotools", "reading COCO annotation JSON").COCO
     path = Path(annotation_json)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file missing: {path}")

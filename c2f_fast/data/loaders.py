@@ -1,13 +1,20 @@
-"""Image loaders: an NVIDIA DALI pipeline (the fast path) and a torchvision ``DataLoader`` (the baseline).
+"""Image loaders: an NVIDIA DALI pipeline (the fast path), torchvision's nvJPEG decoding on the GPU
+(the fast path without DALI) and a torchvision ``DataLoader`` (the baseline).
 
-Both backends yield ``(images, targets, indices)``:
+Backends (``backend=``): ``"dali"``, ``"nvjpeg"`` (``nvjpeg_pipeline.py``: files read in
+``DataLoader`` workers, JPEGs decoded in batches on the device with ``torchvision.io.decode_jpeg``,
+crop, flip, resize and normalisation on the device), ``"torch"``, and ``"auto"`` (the default):
+DALI when ``nvidia.dali`` imports; else, on a CUDA device where torchvision decodes JPEGs, nvjpeg;
+else torch (see :func:`choose_backend`; ``loader.reason`` says which and why).
+
+Every backend yields ``(images, targets, indices)``:
 
 - ``images``: ``[B, 3, S, S]`` in ``dtype`` (float32, float16 or bfloat16), RGB, normalised with the
   ImageNet mean/std (the torchvision VGG-16 weights expect it);
 - ``targets``: ``[B, C]`` int8, the dataset's rows ``dataset.targets[indices]`` (1 / 0 / -1);
 - ``indices``: ``[B]`` int64, the dataset indices of the images,
 
-all on ``device`` (None: CPU). The two backends compute the same function:
+all on ``device`` (None: CPU). The backends compute the same function:
 
 - evaluation: decode, resize the whole image to ``S x S`` (aspect ratio not kept: multi-label
   models need every object, a centre crop could cut some off; ML-GCN does the same), bilinear with
@@ -16,8 +23,9 @@ all on ``device`` (None: CPU). The two backends compute the same function:
 - training: a random-resized crop (area fraction in ``crop_scale``, aspect ratio in ``crop_ratio``,
   10 attempts, the torchvision algorithm) resized to ``S x S`` the same way, a horizontal flip with
   probability 1/2, then normalise. DALI decodes only the crop (``decoders.image_random_crop``,
-  ROI decoding); the baseline decodes the whole image and then crops. The two backends draw from
-  the same distribution with different generators: same seed, different crops.
+  ROI decoding); the others decode the whole image and then crop. ``torch`` and ``nvjpeg`` draw
+  each view from ``(seed, epoch, index)`` and the decoded size (same seed, same crops); DALI draws
+  from the same distribution with its own generator (same seed, different crops).
 - EXIF orientation is not applied (boxes in VOC/COCO refer to the stored pixels); grayscale, CMYK
   and 16-bit images come out as 8-bit RGB.
 
@@ -44,8 +52,11 @@ iteration (corruption the cheap scan cannot see) is raised as :class:`BadImageEr
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import math
+import os
 
 import numpy as np
 import torch
@@ -100,9 +111,9 @@ def build_loader(
     batch_size: int,
     train: bool,
     image_size: int,
-    backend: str = "dali",
+    backend: str = "auto",
     device: torch.device | str | int | None = None,
-    num_workers: int = 4,
+    num_workers: int | None = None,
     shard_id: int = 0,
     num_shards: int = 1,
     seed: int = 0,
@@ -121,10 +132,13 @@ def build_loader(
         train: random-resized crop + flip, reshuffled every epoch, full batches only; else resize,
             dataset order, every image exactly once.
         image_size: side ``S`` of the square output.
-        backend: ``"dali"`` (DALI pipeline; decodes on the GPU with nvJPEG when ``device`` is CUDA)
-            or ``"torch"`` (torchvision decode + transforms v2 in a ``DataLoader``).
+        backend: ``"dali"`` (DALI pipeline; decodes on the GPU with nvJPEG when ``device`` is CUDA),
+            ``"nvjpeg"`` (torchvision's batched JPEG decoding and the transforms on ``device``),
+            ``"torch"`` (torchvision decode + transforms v2 in a ``DataLoader``), or ``"auto"``
+            (:func:`choose_backend`).
         device: where the batches are delivered: None / ``"cpu"``, or a CUDA device.
-        num_workers: DALI CPU threads, or ``DataLoader`` worker processes (0: in-process).
+        num_workers: DALI CPU threads, or ``DataLoader`` worker processes (0: in-process); None:
+            :func:`default_workers`.
         shard_id, num_shards: this process's shard (e.g. its data-parallel rank and world size).
         seed: shuffling and augmentation seed; the same on every shard (the shards then share one
             permutation per epoch and split it).
@@ -144,7 +158,7 @@ def build_loader(
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size: expected a positive int, got {image_size!r}")
-    if not isinstance(num_workers, int) or num_workers < 0:
+    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
         raise ValueError(f"num_workers: expected an int >= 0, got {num_workers!r}")
     if not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"num_shards: expected a positive int, got {num_shards!r}")
@@ -158,11 +172,15 @@ def build_loader(
         raise ValueError(f"verify: expected one of {_VERIFY}, got {verify!r}")
     if not isinstance(prefetch, int) or prefetch < 1:
         raise ValueError(f"prefetch: expected a positive int, got {prefetch!r}")
+    resolved_device = _resolve_device(device)
+    backend, reason = choose_backend(backend, resolved_device)
+    if num_workers is None:
+        num_workers = default_workers(backend)
     config = LoaderConfig(
         batch_size=batch_size,
         train=bool(train),
         image_size=image_size,
-        device=_resolve_device(device),
+        device=resolved_device,
         num_workers=num_workers,
         shard_id=shard_id,
         num_shards=num_shards,
@@ -199,9 +217,78 @@ def build_loader(
         )
 
     if backend == "dali":
-        from .dali_pipeline import DaliLoader
+        from .dali_pipeline import DaliLoader as Loader
+    elif backend == "nvjpeg":
+        from .nvjpeg_pipeline import NvjpegLoader as Loader
+    else:
+        from .torch_pipeline import TorchLoader as Loader
+    loader = Loader(dataset, indices, config, report)
+    loader.reason = reason
+    return loader
 
-        return DaliLoader(dataset, indices, config, report)
-    from .torch_pipeline import TorchLoader
 
-    return TorchLoader(dataset, indices, config, report)
+def choose_backend(backend: str, device: torch.device) -> tuple[str, str]:
+    """``(backend, why)``: ``backend`` itself unless it is ``"auto"``, which picks
+
+    1. ``"dali"`` when ``nvidia.dali`` imports (nvJPEG inside DALI on CUDA, its CPU operators
+       otherwise);
+    2. else, on a CUDA ``device``, ``"nvjpeg"`` when torchvision decodes a JPEG there (a probe of a
+       few pixels: a torchvision built without CUDA, or a broken nvJPEG, fails it);
+    3. else ``"torch"``.
+    """
+    if backend != "auto":
+        return backend, "requested"
+    problem = _dali_import_problem()
+    if problem is None:
+        where = "its nvJPEG decoding on CUDA" if device.type == "cuda" else "its CPU operators (no CUDA)"
+        return "dali", f"auto: nvidia.dali imports; {where}"
+    if device.type != "cuda":
+        return "torch", f"auto: {problem}, " + ("CPU device" if torch.cuda.is_available() else "no CUDA")
+    nvjpeg_problem = _nvjpeg_problem(device)
+    if nvjpeg_problem is None:
+        return "nvjpeg", f"auto: {problem}; CUDA: torchvision's nvJPEG decoding on {device}"
+    return "torch", f"auto: {problem}; {nvjpeg_problem}"
+
+
+def _dali_import_problem() -> str | None:
+    try:
+        importlib.import_module("nvidia.dali")
+    except ImportError:
+        return "nvidia.dali not importable"
+    except Exception as err:  # noqa: BLE001 -- a broken install (missing CUDA libraries, ...)
+        return f"nvidia.dali fails to import ({type(err).__name__}: {err})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _nvjpeg_problem(device: torch.device) -> str | None:
+    """None when torchvision decodes a small JPEG on ``device``, else why not."""
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+    from . import torch_pipeline  # noqa: F401 -- silences torchvision's deprecation warning
+
+    try:
+        data = encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8))
+        decode_jpeg([data], mode=ImageReadMode.RGB, device=device)
+    except Exception as err:  # noqa: BLE001 -- any failure means: not this backend
+        return f"torchvision cannot decode JPEGs on {device} ({type(err).__name__}: {err})"
+    return None
+
+
+def default_workers(backend: str) -> int:
+    """Loader workers for ``backend`` from this process's share of the CPU cores (the cores it may
+    run on, divided by ``LOCAL_WORLD_SIZE`` processes per machine under torchrun):
+
+    - ``dali``: that many threads, at most 8;
+    - ``nvjpeg``: one less (the main process drives the GPU), at most 4 (workers only read files);
+    - ``torch``: one less, at most 12 (workers decode and resize on the CPU).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_processes = 1
+    share = max(1, cores // local_processes)
+    if backend == "dali":
+        return min(8, share)
+    return min(4 if backend == "nvjpeg" else 12, share - 1)

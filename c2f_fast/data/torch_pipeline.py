@@ -72,6 +72,46 @@ def random_resized_crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+@dataclass(frozen=True)
+class TrainView:
+    """One training view of one image: the random-resized crop ``(top, left, height, width)`` in
+    the decoded image's pixels and whether it is flipped horizontally."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+def train_view_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of dataset image ``index``'s training view in ``epoch`` of a loader seeded ``seed``."""
+    return sample_seed(seed, epoch, index, 2)
+
+
+def draw_train_view(
+    view_seed: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> TrainView:
+    """The crop and flip of one image (``height x width`` as decoded), drawn from a generator
+    seeded with ``view_seed`` (:func:`train_view_seed`): a function of (seed, epoch, index) and the
+    image size only, so every backend that decodes the same pixels draws the same view, whichever
+    worker or device handles the image."""
+    generator = torch.Generator().manual_seed(view_seed)
+    top, left, h, w = random_resized_crop_params(height, width, scale, ratio, generator)
+    flip = torch.rand(1, generator=generator).item() < 0.5
+    return TrainView(top, left, h, w, flip)
+
+
+def apply_train_view(image: torch.Tensor, view: TrainView, size: int) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` → uint8 ``[3, size, size]``: ``view``'s crop resized bilinearly with
+    antialiasing, flipped when ``view.flip``. Runs on the image's device (CPU or CUDA)."""
+    image = TF.resized_crop(
+        image, view.top, view.left, view.height, view.width, [size, size],
+        interpolation=InterpolationMode.BILINEAR, antialias=True,
+    )
+    return TF.horizontal_flip(image) if view.flip else image
+
+
 def decode_rgb(path: str) -> torch.Tensor:
     """The image at ``path`` as a uint8 ``[3, H, W]`` RGB tensor (raises on undecodable data)."""
     # No EXIF rotation (torchvision's default; the DALI pipeline turns its own off to match).
@@ -115,15 +155,8 @@ class ImageFileDataset(Dataset):
             problem = check_image(path, decode=True) or f"torchvision cannot decode it ({type(err).__name__}: {err})"
             return None, index, problem
         if self.train:
-            generator = torch.Generator().manual_seed(seed)
-            top, left, h, w = random_resized_crop_params(
-                image.shape[-2], image.shape[-1], self.crop_scale, self.crop_ratio, generator
-            )
-            image = TF.resized_crop(
-                image, top, left, h, w, self.size, interpolation=InterpolationMode.BILINEAR, antialias=True
-            )
-            if torch.rand(1, generator=generator).item() < 0.5:
-                image = TF.horizontal_flip(image)
+            image = apply_train_view(image, draw_train_view(seed, image.shape[-2], image.shape[-1],
+                                                            self.crop_scale, self.crop_ratio), self.size[0])
         else:
             image = resize_whole(image, self.size[0])
         return image, index, None
@@ -157,9 +190,10 @@ class ShardBatchSampler(Sampler[list[tuple[int, int]]]):
         self.config = config
         self.steps = steps
         self.epoch = 0
+        self.start_batch = 0  # batches of the epoch to leave out (resume mid-epoch): never read
 
     def __len__(self) -> int:
-        return self.steps
+        return max(0, self.steps - self.start_batch)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         c = self.config
@@ -171,10 +205,10 @@ class ShardBatchSampler(Sampler[list[tuple[int, int]]]):
         mine = order[start:end]
         if c.train:
             mine = mine[: self.steps * c.batch_size]
-        for begin in range(0, len(mine), c.batch_size):
+        for begin in range(self.start_batch * c.batch_size, len(mine), c.batch_size):
             chunk = mine[begin : begin + c.batch_size]
             if c.train:
-                yield [(int(i), sample_seed(c.seed, self.epoch, int(i), 2)) for i in chunk]
+                yield [(int(i), train_view_seed(c.seed, self.epoch, int(i))) for i in chunk]
             else:
                 yield [(int(i), 0) for i in chunk]
 
@@ -191,7 +225,7 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
     and forks the workers from there (~0.1 s for later loaders). Like "spawn", it needs the main
     script to guard its entry point with ``if __name__ == "__main__":``.
     """
-    if "nvidia.dali" not in sys.modules:
+    if sys.modules.get("nvidia.dali") is None:  # not imported (None: an import was blocked)
         return None
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
@@ -201,7 +235,8 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
 class TorchLoader(ImageLoader):
     """:class:`ImageLoader` over a torch ``DataLoader`` (built by :func:`c2f_fast.data.build_loader`).
 
-    The epoch counter advances at every ``iter()``; :meth:`set_epoch` sets it (e.g. on resume).
+    The epoch counter advances at every ``iter()``; :meth:`set_epoch` sets it and the first batch
+    (e.g. on resume).
     """
 
     backend = "torch"
@@ -211,26 +246,39 @@ class TorchLoader(ImageLoader):
     ) -> None:
         super().__init__(dataset, indices, config, report)
         self.epoch = 0
+        self.start_batch = 0
         self.sampler = ShardBatchSampler(self.indices, config, self._steps)
         workers = config.num_workers
         self.dataloader = DataLoader(
-            ImageFileDataset(list(dataset.image_paths), config),
+            self._worker_dataset(),
             batch_sampler=self.sampler,
             num_workers=workers,
-            collate_fn=_collate,
-            pin_memory=config.device.type == "cuda",
+            collate_fn=self._collate,
+            pin_memory=self._pin_memory and config.device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=config.prefetch if workers > 0 else None,
             multiprocessing_context=worker_context() if workers > 0 else None,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next ``iter()`` run epoch ``epoch`` (its shuffle and augmentation)."""
+    #: How workers turn a batch of keys into what :meth:`_epoch` reads (the nvJPEG backend changes them).
+    _collate = staticmethod(_collate)
+    _pin_memory = True
+
+    def _worker_dataset(self) -> Dataset:
+        return ImageFileDataset(list(self.dataset.image_paths), self.config)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next ``iter()`` run epoch ``epoch`` (its shuffle and augmentation) from batch
+        ``start_batch`` on (resume mid-epoch: the earlier batches are never read nor decoded; the
+        later ones are the same as in an uninterrupted epoch)."""
+        if not isinstance(start_batch, int) or not 0 <= start_batch <= self._steps:
+            raise ValueError(f"start_batch: expected 0 <= start_batch <= {self._steps}, got {start_batch!r}")
         self.epoch = int(epoch)
+        self.start_batch = start_batch
 
     def __iter__(self) -> Iterator[Batch]:
-        self.sampler.epoch = self.epoch
-        self.epoch += 1
+        self.sampler.epoch, self.sampler.start_batch = self.epoch, self.start_batch
+        self.epoch, self.start_batch = self.epoch + 1, 0
         return self._epoch()
 
     def _epoch(self) -> Iterator[Batch]:

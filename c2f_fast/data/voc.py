@@ -2,7 +2,7 @@
 
 Layout read (one dataset directory, e.g. ``VOCdevkit/VOC2007``)::
 
-    Annotations/<id>.xml          one file per image, parsed with defusedxml
+    Annotations/<id>.xml          one file per image, parsed with defusedxml (see below)
     ImageSets/Main/<split>.txt    image ids, one per line (first token of the line)
     JPEGImages/<id>.jpg           recorded as the image path; not opened here
     classes.txt                   optional: class names, one per line, in index order
@@ -14,6 +14,16 @@ built-in synthetic set, see :mod:`c2f_fast.data.synthetic`) write it, and its li
 Boxes are converted from VOC's 1-based inclusive pixel indices to 0-based continuous pixel
 coordinates, ``(xmin - 1, ymin - 1, xmax, ymax)``, the convention COCO's ``[x, y, w, h]`` uses, so
 that the boxes of both readers mean the same thing (pixel ``i`` covers ``[i, i + 1)``).
+
+XML parsing: annotation files are untrusted input, read with ``defusedxml`` (imported when the
+first file is parsed; without it, :class:`~c2f_fast.deps.MissingPackageError` says so). One
+exception: the built-in synthetic set, whose XML this package writes itself (``own_xml``; by default,
+a dataset folder holding the generator's manifest ``synthetic.json``). Without defusedxml its files
+are read with the standard library's expat, after a first expat pass that refuses any document type
+declaration (DTD). Without a DTD an XML file cannot declare entities, so neither entity expansion
+(billion laughs) nor external entities can happen: the same refusal as defusedxml's
+``forbid_dtd``, and the only one the synthetic set's files need. (A manifest copied into a foreign
+folder only buys that same DTD refusal.) With defusedxml installed, every file goes through it.
 """
 
 from __future__ import annotations
@@ -21,13 +31,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+import xml.etree.ElementTree as StdET
+import xml.parsers.expat
 from xml.etree.ElementTree import Element, ParseError
 
-import defusedxml.ElementTree as SafeET
 import numpy as np
-from defusedxml import DefusedXmlException
 
+from ..deps import MissingPackageError, require
 from .records import Box, MultiLabelSet
+
+_NEEDED_FOR = "reading VOC annotation XML"
 
 #: The 20 VOC classes in the devkit's order (index = position).
 VOC_CLASSES: tuple[str, ...] = (
@@ -38,6 +51,8 @@ VOC_CLASSES: tuple[str, ...] = (
 
 #: Name of the optional class-list file in the dataset directory (one class name per line).
 CLASSES_FILE = "classes.txt"
+#: The synthetic set's manifest (``synthetic.MANIFEST``): its folder holds XML this package wrote.
+SYNTHETIC_MANIFEST = "synthetic.json"
 
 DifficultMode = Literal["ignore", "positive", "negative"]
 #: Target value of a class present only through difficult objects, per ``difficult`` mode.
@@ -93,19 +108,21 @@ def _parse_number(text: str, tag: str, path: Path) -> float:
         raise ValueError(f"{path}: <{tag}> is not a number: {text!r}") from None
 
 
-def parse_voc_xml(path: str | os.PathLike, class_index: dict[str, int]) -> list[tuple[int, bool, Box]]:
+def parse_voc_xml(
+    path: str | os.PathLike, class_index: dict[str, int], own_xml: bool = False
+) -> list[tuple[int, bool, Box]]:
     """The objects of one VOC annotation file: ``(class index, difficult, box)`` per ``<object>``.
 
     The file is parsed with defusedxml, which refuses entity declarations (billion laughs), external
     entities and DTDs; a refused or malformed file raises :class:`ValueError` naming it.
+    ``own_xml``: the file was written by this package (the synthetic set); without defusedxml it is
+    read with the standard library instead, DTDs refused (module docstring).
     """
     path = Path(path)
     try:
-        tree = SafeET.parse(path, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+        tree = _parse_xml(path, own_xml)
     except FileNotFoundError:
         raise FileNotFoundError(f"annotation file missing: {path}") from None
-    except DefusedXmlException as exc:
-        raise ValueError(f"{path}: unsafe XML refused ({exc})") from None
     except ParseError as exc:
         raise ValueError(f"{path}: malformed XML ({exc})") from None
 
@@ -131,6 +148,41 @@ def parse_voc_xml(path: str | os.PathLike, class_index: dict[str, int]) -> list[
     return objects
 
 
+def _parse_xml(path: Path, own_xml: bool) -> StdET.ElementTree:
+    try:
+        safe = require("defusedxml.ElementTree", "defusedxml", _NEEDED_FOR)
+    except MissingPackageError:
+        if not own_xml:
+            raise
+        return _parse_own_xml(path)
+    from defusedxml import DefusedXmlException
+
+    try:
+        return safe.parse(path, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except DefusedXmlException as exc:
+        raise ValueError(f"{path}: unsafe XML refused ({exc})") from None
+
+
+def _refuse_dtd(*args) -> None:
+    raise ValueError("a document type declaration (DTD)")
+
+
+def _parse_own_xml(path: Path) -> StdET.ElementTree:
+    """Our own XML (the synthetic set's) with the standard library: refused when it holds a DTD
+    (checked by a first expat pass that stops at the declaration, before any entity is read)."""
+    data = path.read_bytes()
+    check = xml.parsers.expat.ParserCreate()
+    check.StartDoctypeDeclHandler = _refuse_dtd
+    check.EntityDeclHandler = _refuse_dtd
+    try:
+        check.Parse(data, True)
+    except ValueError as exc:
+        raise ValueError(f"{path}: unsafe XML refused (it holds {exc}; the synthetic set's files hold none)") from None
+    except xml.parsers.expat.ExpatError as exc:
+        raise ValueError(f"{path}: malformed XML ({exc})") from None
+    return StdET.ElementTree(StdET.fromstring(data))
+
+
 def read_split_ids(split_file: Path) -> list[str]:
     """Image ids of a split file: first token of each non-blank line, in file order."""
     if not split_file.is_file():
@@ -146,6 +198,7 @@ def load_voc(
     year: str = "2007",
     split: str = "trainval",
     difficult: DifficultMode = "ignore",
+    own_xml: bool | None = None,
 ) -> MultiLabelSet:
     """Read a VOC-layout split into a :class:`MultiLabelSet`.
 
@@ -157,6 +210,8 @@ def load_voc(
         difficult: target of a class present in an image *only* through ``<difficult>1</difficult>``
             objects: ``"ignore"`` → -1 (the VOC evaluation convention), ``"positive"`` → 1,
             ``"negative"`` → 0. A class with at least one non-difficult object is always 1.
+        own_xml: the annotations were written by this package (the synthetic set): readable without
+            defusedxml (see the module docstring). None: when the folder holds ``synthetic.json``.
 
     Returns:
         images in split-file order; ``image_paths`` = ``JPEGImages/<id>.jpg`` (not checked here);
@@ -168,6 +223,7 @@ def load_voc(
         FileNotFoundError: dataset directory, split file or an annotation file missing (names the path).
         ValueError: bad ``difficult`` mode; malformed or unsafe XML, unknown class name, bad box
             (names the file).
+        MissingPackageError: defusedxml is not installed (and the XML is not the synthetic set's).
     """
     if difficult not in _DIFFICULT_VALUE:
         raise ValueError(f"difficult: expected one of {sorted(_DIFFICULT_VALUE)}, got {difficult!r}")
@@ -175,6 +231,8 @@ def load_voc(
     class_file = data_dir / CLASSES_FILE
     class_names = read_class_file(class_file) if class_file.is_file() else list(VOC_CLASSES)
     class_index = {n: i for i, n in enumerate(class_names)}
+    if own_xml is None:
+        own_xml = (data_dir / SYNTHETIC_MANIFEST).is_file()
 
     ids = read_split_ids(data_dir / "ImageSets" / "Main" / f"{split}.txt")
     targets = np.zeros((len(ids), len(class_names)), dtype=np.int8)
@@ -182,7 +240,7 @@ def load_voc(
     image_paths: list[str] = []
     diff_value = _DIFFICULT_VALUE[difficult]
     for i, image_id in enumerate(ids):
-        objects = parse_voc_xml(data_dir / "Annotations" / f"{image_id}.xml", class_index)
+        objects = parse_voc_xml(data_dir / "Annotations" / f"{image_id}.xml", class_index, own_xml)
         easy = {c for c, is_difficult, _ in objects if not is_difficult}
         hard_only = {c for c, is_difficult, _ in objects if is_difficult} - easy
         targets[i, list(easy)] = 1
