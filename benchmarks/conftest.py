@@ -46,7 +46,7 @@ GOAL_CASES_GPU = (
     "test_lstm_cell[fwdbwd-fast]", "test_lstm_cell[fwdbwd-nn.LSTMCell]",
     "test_decoder[fast_compiled]", "test_decoder[ref_eager]",
     "test_train_step[ref_fp32_eager]", "test_train_step[fast_bf16_compiled]",
-    "test_data[torch]", "test_data[dali]", "test_data[tv_decode_jpeg]",
+    "test_data[torch]", "test_data[dali]", "test_data[tv_decode_jpeg]", "test_data[nvjpeg]",
     "test_infer[b1-compiled]", "test_infer[bN-compiled]",
 )
 

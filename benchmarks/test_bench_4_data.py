@@ -8,7 +8,10 @@ Variants, all at the same thread/worker count (``profile.workers``; 2 on the CPU
 - ``data/dali``: ``build_loader(backend="dali")``, ``decoders.image_random_crop`` (decodes only the
   crop) on ``workers`` threads; on CUDA ``device="mixed"`` (nvJPEG) with resize/normalise on the GPU;
 - ``data/tv_decode_jpeg``: ``torchvision.io.decode_jpeg`` on the device (nvJPEG, batched, on CUDA;
-  libjpeg-turbo in ``workers`` threads on the CPU): the GPU decoder when DALI is absent.
+  libjpeg-turbo in ``workers`` threads on the CPU): the GPU decoder when DALI is absent;
+- ``data/nvjpeg`` (CUDA only): ``build_loader(backend="nvjpeg")``, the engine's own loader without
+  DALI (what ``data.loader=auto`` picks on a GPU image without DALI): bytes read in ``workers``
+  processes, one batched ``decode_jpeg(device="cuda")`` per batch, crop/flip/resize on the GPU.
 
 A timed call pulls ``data_batches_per_round`` batches from one endless stream (epochs chained),
 so prefetching runs continuously for every variant; the loaders are built and started (workers
@@ -44,7 +47,7 @@ def _endless(loader):
     return itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
 
 
-@pytest.mark.parametrize("variant", ["torch", "dali", "tv_decode_jpeg"])
+@pytest.mark.parametrize("variant", ["torch", "dali", "tv_decode_jpeg", "nvjpeg"])
 def test_data(benchmark, profile, jpeg_set, variant):
     dataset, info = jpeg_set
     B, W, S, dev = profile.data_batch, profile.workers, 224, profile.device
@@ -57,12 +60,16 @@ def test_data(benchmark, profile, jpeg_set, variant):
     else:
         if variant == "dali":
             pytest.importorskip("nvidia.dali", reason="DALI is not installed (the tv_decode_jpeg variant stands in)")
+        if variant == "nvjpeg" and not profile.cuda:
+            pytest.skip("the nvjpeg loader decodes on a GPU")
         from c2f_fast.data.loaders import build_loader
 
         loader = build_loader(dataset, B, train=True, image_size=S, backend=variant, device=dev, num_workers=W,
                               verify="none")
         stream = (images for images, _, _ in _endless(loader))
-        if variant == "dali":
+        if variant == "nvjpeg":
+            decoder = f"nvJPEG (torchvision.io.decode_jpeg(device='cuda'), batched; bytes read in {W} workers)"
+        elif variant == "dali":
             decoder = ("nvJPEG (DALI decoders.image_random_crop, device='mixed': ROI decode)" if profile.cuda
                        else f"libjpeg-turbo (DALI decoders.image_random_crop, device='cpu': ROI decode, {W} threads)")
         else:
