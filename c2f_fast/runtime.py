@@ -43,6 +43,28 @@ class Settings:
         return torch.autocast(self.device.type, dtype=dtype)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU computes bf16 matmuls/convolutions natively (AMX-BF16 or AVX512-BF16),
+    so that bf16 autocast is faster than fp32 rather than an emulation. From
+    ``torch.backends.cpu.get_cpu_capability()`` (an AVX512 build at least) and the ``amx_bf16`` /
+    ``avx512_bf16`` flags of ``/proc/cpuinfo`` (Linux; False where that file is absent)."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 -- an old or unusual build: no claim
+        return False
+    if "AVX512" not in capability.upper() and "AMX" not in capability.upper():
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_settings(cfg: TrainConfig, device: torch.device) -> Settings:
     cuda = device.type == "cuda"
     precision = cfg.run.precision if cfg.run.precision != "auto" else ("bf16" if cuda else "fp32")
