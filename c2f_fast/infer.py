@@ -261,7 +261,7 @@ class C2FClassifier(nn.Module):
             if compile:
                 raise ValueError("backend='onnxruntime': compile applies to the torch backend only")
         if dtype is None and cpu:  # bf16 where the CPU computes it natively (fp32 in the ONNX model)
-            dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+            dtype = torch.bfloat16 if cpu_has_fast_bf16() and backend != "onnxruntime" else torch.float32
         self.dtype = _resolve_dtype(dtype, self.device)
         if compile is None:
             compile = not cpu
