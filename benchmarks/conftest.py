@@ -51,7 +51,8 @@ GOAL_CASES_GPU = (
 )
 
 
-GOAL_CASES_CPU = ("test_data[torch]", "test_data[dali]", "test_decoder[ref_eager]", "test_decoder[ref_compiled]")
+GOAL_CASES_CPU = ("test_data[torch]", "test_data[dali]", "test_decoder[ref_eager]", "test_decoder[ref_compiled]",
+                  "test_infer_vs_onnxruntime[b1]", "test_infer_vs_onnxruntime[bN]")
 
 
 def pytest_collection_modifyitems(session, config, items):
