@@ -18,7 +18,9 @@ it, timed round-robin in the same process (:func:`benchmarks._bench.measure_inte
 - ``torch``: the torch backend with its defaults (channels_last, batch norm folded, bf16 where
   the CPU has it, buckets);
 - ``torch_fp32_plain``: the earlier default (fp32, the plain model, fixed batches of the
-  benchmark's batch size).
+  benchmark's batch size);
+- ``torch_fp32_compiled``: ``compile=True`` (Inductor with freezing), fp32, ``model_batch`` = the
+  benchmark's batch: not a default (about a minute of compilation per bucket), for reference.
 
 GPU (``test_infer``): eager, compiled and CUDA graphs (``compile="reduce-overhead"``), bf16 autocast
 and the Triton decoder, ``model_batch`` = the benchmark's batch (one bucket of that size).
@@ -66,6 +68,8 @@ def test_infer_vs_onnxruntime(benchmark, profile, checkpoint_dir, batch):
     torch_backend = C2FClassifier.from_checkpoint(checkpoint_dir, device="cpu", backend="torch")
     plain = C2FClassifier.from_checkpoint(checkpoint_dir, device="cpu", backend="torch", dtype="fp32",
                                           batching="strict", optimize=False, model_batch=B)
+    compiled = C2FClassifier.from_checkpoint(checkpoint_dir, device="cpu", backend="torch", dtype="fp32",
+                                             compile=True, model_batch=B)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
@@ -86,6 +90,7 @@ def test_infer_vs_onnxruntime(benchmark, profile, checkpoint_dir, batch):
         f"{prefix}/default": call(default),
         f"{prefix}/torch": call(torch_backend),
         f"{prefix}/torch_fp32_plain": call(plain),
+        f"{prefix}/torch_fp32_compiled": call(compiled),
     }
     base = (f"{prefix}/onnxruntime",)
     dtype = lambda clf: str(clf.dtype).replace("torch.", "")  # noqa: E731
@@ -98,6 +103,7 @@ def test_infer_vs_onnxruntime(benchmark, profile, checkpoint_dir, batch):
         extra={f"{prefix}/default": {"backend": default.describe_backend(), "buckets": default.buckets},
                f"{prefix}/torch": {"backend": torch_backend.describe_backend(), "dtype": dtype(torch_backend)},
                f"{prefix}/torch_fp32_plain": {"model_batch": plain.model_batch},
+               f"{prefix}/torch_fp32_compiled": {"model_batch": compiled.model_batch, "freezing": True},
                f"{prefix}/onnxruntime": {"intra_op_num_threads": options.intra_op_num_threads}},
     )
 
