@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
@@ -288,8 +289,9 @@ def measure_interleaved(
     extra: Optional[dict[str, dict]] = None,
 ) -> dict[str, Result]:
     """Time several callables (case name -> one call) round-robin in the same process: each
-    round calls every one once, in an order rotated from round to round, so that the load of the
-    other tenants falls on all of them alike and their ratios compare like with like. Keeps one
+    round calls every one once, in a (seeded) random order, so that the load of the other tenants
+    and the cache state a call finds (what ran just before it) fall on all of them alike and their
+    ratios compare like with like. Keeps one
     :class:`Result` per case (median and minimum over the rounds). The pytest-benchmark entry of
     the test is the whole interleaved block, timed once."""
     device = profile.device
@@ -299,15 +301,18 @@ def measure_interleaved(
             fns[name]()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu_times: dict[str, list[float]] = {name: [] for name in names}
 
     def block() -> None:
-        for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
+        shuffle = random.Random(0)
+        for _ in range(rounds):
+            order = shuffle.sample(names, len(names))
             for name in order:
-                t0 = time.perf_counter()
+                c0, t0 = time.thread_time(), time.perf_counter()
                 fns[name]()
                 sync(device)
                 times[name].append(time.perf_counter() - t0)
+                cpu_times[name].append(time.thread_time() - c0)
 
     benchmark.group = group
     benchmark.extra_info.update(cases=names, sizes=sizes, rounds=rounds, timing="interleaved",
@@ -318,17 +323,24 @@ def measure_interleaved(
         ts = sorted(times[name])
         if not ts:  # --benchmark-disable: nothing timed
             continue
-        median = ts[len(ts) // 2] if len(ts) % 2 else (ts[len(ts) // 2 - 1] + ts[len(ts) // 2]) / 2
+        median = _median(ts)
+        # CPU time of the calling thread: with one thread (torch and ONNX Runtime both compute on
+        # the caller's thread then) it leaves out the time the other tenants held the core
+        more = {**((extra or {}).get(name, {})), "thread_cpu_median_s": _median(sorted(cpu_times[name]))}
         info = {"case": name, "sizes": sizes, "baselines": list(baselines.get(name, ())), "timing": "interleaved",
-                "median_per_call_s": median, **((extra or {}).get(name, {}))}
+                "median_per_call_s": median, **more}
         result = Result(case=name, group=group, sizes=sizes, baselines=list(baselines.get(name, ())), median=median,
-                        min=ts[0], items=items, timing="interleaved", notes=notes,
-                        extra=dict((extra or {}).get(name, {})), info=info)
+                        min=ts[0], items=items, timing="interleaved", notes=notes, extra=more, info=info)
         benchmark.extra_info[name] = info
         RESULTS[name] = result
         _append_log(result)
         out[name] = result
     return out
+
+
+def _median(sorted_values: list[float]) -> float:
+    n = len(sorted_values)
+    return sorted_values[n // 2] if n % 2 else (sorted_values[n // 2 - 1] + sorted_values[n // 2]) / 2
 
 
 def device_name(device: torch.device) -> str:

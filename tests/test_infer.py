@@ -29,11 +29,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 CLASSES = ["cat", "dog", "car", "tree", "boat"]
 
 #: The classifier most tests use: fp32 torch, fixed model batches (bit-identical whatever the batch).
-STRICT = {"backend": "torch", "dtype": "fp32", "batching": "strict"}
+STRICT = {"backend": "torch", "dtype": "fp32", "batching": "strict", "model_batch": 16}
 
 needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or
                                importlib.util.find_spec("onnxscript") is None,
-                               reason="the ONNX Runtime backend needs onnxruntime and onnxscript (pip install -e .[dev])")
+                               reason="the ONNX Runtime backend needs onnxruntime and onnxscript "
+                                      "(pip install -e .[dev])")
 
 
 def tiny_config() -> ModelConfig:
@@ -102,7 +103,7 @@ def test_defaults_and_attributes(run):
     assert clf.dtype == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     assert not clf.compiled and clf.optimize
     assert not clf.model.cfg.fast_kernels
-    assert clf.batching == "buckets" and clf.buckets == [1, 2, 4, 8, 16] and clf.model_batch == 16
+    assert clf.batching == "buckets" and clf.buckets == [1, 2, 4, 8, 16, 32] and clf.model_batch == 32
     if importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None:
         assert clf.backend == "auto"
         assert clf.onnx_path.parent == run["run_dir"] and clf.onnx_path.is_file()
@@ -241,7 +242,7 @@ def test_strict_batching_does_not_change_results(run):
     assert torch.equal(torch.cat([clf(images[i:i + 1]) for i in range(19)]),
                        torch.cat([clf(images[i:i + 7]) for i in range(0, 19, 7)]))
     # model_batch=1 (for latency): every image runs alone, so again independent of batch_size
-    alone = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", model_batch=1, **STRICT)
+    alone = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", **{**STRICT, "model_batch": 1})
     same(alone.predict(inputs[:8], batch_size=1), alone.predict(inputs[:8], batch_size=7), sources=True)
 
 
@@ -300,10 +301,12 @@ def test_checkpoint_layouts_give_the_same_model(run, tmp_path):
     """A run folder, a .safetensors file (model.json beside it) and a training checkpoint.pt."""
     run_dir, paths = run["run_dir"], run["paths"]
     expected = run["clf"].predict(paths[:3])
-    same(expected, C2FClassifier.from_checkpoint(run_dir / "best.safetensors", device="cpu", **STRICT).predict(paths[:3]))
+    from_file = C2FClassifier.from_checkpoint(run_dir / "best.safetensors", device="cpu", **STRICT)
+    same(expected, from_file.predict(paths[:3]))
     meta = json.loads((run_dir / "model.json").read_text())
     checkpoint.save_checkpoint(tmp_path, {"meta": meta, "model": run["model"].state_dict()})
-    same(expected, C2FClassifier.from_checkpoint(tmp_path / "checkpoint.pt", device="cpu", **STRICT).predict(paths[:3]))
+    from_pt = C2FClassifier.from_checkpoint(tmp_path / "checkpoint.pt", device="cpu", **STRICT)
+    same(expected, from_pt.predict(paths[:3]))
     with pytest.raises(checkpoint.CheckpointError, match="no such file"):
         C2FClassifier.from_checkpoint(tmp_path / "nope", device="cpu")
 
@@ -327,7 +330,7 @@ def test_bucket_results_depend_only_on_the_bucket(run, backend, dtype):
     """The guarantee of the module docstring: within a bucket bit-identical at every position,
     with any neighbours, for any count that falls in that bucket; between a bucket and strict mode
     (fp32 torch, one call of 16) within BUCKET_TOLERANCE."""
-    clf = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", backend=backend, dtype=dtype)
+    clf = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", backend=backend, dtype=dtype, model_batch=16)
     assert clf.buckets == [1, 2, 4, 8, 16] and set(clf.bucket_backends.values()) == {backend}
     images = distinct_images(clf)
     strict = run["clf"](images)
@@ -392,7 +395,7 @@ def test_auto_runs_each_bucket_on_its_measured_faster_backend(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     write_run(run_dir)
-    clf = C2FClassifier.from_checkpoint(run_dir, device="cpu", dtype="fp32")
+    clf = C2FClassifier.from_checkpoint(run_dir, device="cpu", dtype="fp32", model_batch=16)
     store = clf.onnx_path.with_suffix(".timings.json")
     entries = json.loads(store.read_text())["entries"]
     assert len(entries) == 1 and entries[0] == clf.timings
@@ -404,14 +407,14 @@ def test_auto_runs_each_bucket_on_its_measured_faster_backend(tmp_path):
     entries[0]["ms"] = {"torch": {str(b): 10.0 for b in clf.buckets},
                         "onnxruntime": {str(b): 5.0 if b <= 2 else 20.0 for b in clf.buckets}}
     store.write_text(json.dumps({"entries": entries}))
-    mixed = C2FClassifier.from_checkpoint(run_dir, device="cpu", dtype="fp32")
+    mixed = C2FClassifier.from_checkpoint(run_dir, device="cpu", dtype="fp32", model_batch=16)
     assert mixed.bucket_backends == {1: "onnxruntime", 2: "onnxruntime", 4: "torch", 8: "torch", 16: "torch"}
     assert "onnxruntime for 1-2 images" in mixed.describe_backend()
     images = distinct_images(mixed, 18)  # a call of 16 (torch) and one of 2 (onnxruntime)
     strict = C2FClassifier.from_checkpoint(run_dir, device="cpu", **STRICT)
     assert (mixed(images) - strict(images)).abs().max().item() <= BUCKET_TOLERANCE["onnxruntime"]
     # another dtype is another key: measured and added
-    C2FClassifier.from_checkpoint(run_dir, device="cpu", dtype="bf16")
+    C2FClassifier.from_checkpoint(run_dir, device="cpu", dtype="bf16", model_batch=16)
     keys = [e["key"]["dtype"] for e in json.loads(store.read_text())["entries"]]
     assert sorted(keys) == ["bfloat16", "float32"]
     # auto without a run folder or an .onnx: plain torch
@@ -486,7 +489,8 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def test_predict_command(run, capsys, tmp_path):
     run_dir, paths = run["run_dir"], run["paths"]
-    expected = run["clf"].predict(paths[:2])
+    # what the command runs with --backend torch --dtype fp32 --batching strict (CPU model batch 32)
+    expected = C2FClassifier.from_checkpoint(run_dir, device="cpu", **{**STRICT, "model_batch": 32}).predict(paths[:2])
 
     strict = ["--backend", "torch", "--dtype", "fp32", "--batching", "strict"]
     code, out, err = run_cli(["--checkpoint", str(run_dir), "--device", "cpu", *strict, str(paths[0]), str(paths[1])],
