@@ -215,10 +215,14 @@ def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
 class C2FClassifier(nn.Module):
     """A trained C2FNet ready for inference (see the module docstring).
 
-    Attributes: ``model`` (the C2FNet, eval mode, fp32 weights), ``class_names``, ``image_size``
-    (S), ``device``, ``dtype`` (compute dtype), ``model_batch`` (images per model call), ``meta``
-    (the checkpoint's model.json content). Build it with :meth:`from_checkpoint`; moving it
-    afterwards with ``.to()`` is not supported (``device`` would be stale).
+    Attributes: ``model`` (the plain C2FNet, eval mode, fp32 weights; on the CPU the torch backend
+    runs an optimised private copy), ``class_names``, ``image_size`` (S), ``device``, ``dtype``
+    (compute dtype of the torch backend), ``model_batch`` (images per model call at most),
+    ``batching`` and ``buckets`` (the model-call sizes), ``backend`` ("torch", "onnxruntime" or
+    "auto"), ``bucket_backends`` (bucket → the backend it runs on), ``onnx_path`` (the ONNX file in
+    use, or None), ``timings`` (auto's stored per-bucket milliseconds), ``meta`` (the checkpoint's
+    model.json content). Build it with :meth:`from_checkpoint`; moving it afterwards with ``.to()``
+    is not supported (``device`` would be stale).
     """
 
     def __init__(
