@@ -458,8 +458,11 @@ def test_cuda_graph_buckets_match_eager(run):
 @pytest.mark.gpu
 def test_cuda_defaults_and_agreement_with_the_cpu(run):
     """CUDA defaults: bf16 autocast, torch.compile, the Triton kernels; JPEGs decoded by nvJPEG.
-    Scores within bf16 accuracy of the fp32 CPU reference; batch-size independent (fixed shape)."""
-    clf = C2FClassifier.from_checkpoint(run["run_dir"])
+    Scores within bf16 accuracy of the fp32 CPU reference; batch-size independent in strict mode
+    (one fixed shape)."""
+    default = C2FClassifier.from_checkpoint(run["run_dir"])
+    assert default.backend == "torch" and default.buckets == [1, 2, 4, 8, 16, 32]
+    clf = C2FClassifier.from_checkpoint(run["run_dir"], batching="strict")
     assert clf.device.type == "cuda" and clf.dtype == torch.bfloat16 and clf.compiled
     assert clf.model.cfg.fast_kernels and clf.model_batch == 32
     paths = run["paths"]
