@@ -19,7 +19,8 @@ gives an ``nn.Module`` for three uses:
 Defaults: CUDA when present, else the CPU; on CUDA bf16 autocast, ``torch.compile`` and the Triton
 kernels (``ModelConfig.fast_kernels``); on the CPU eager PyTorch with bf16 autocast where the CPU
 computes bf16 natively (AMX or AVX512-BF16: :func:`c2f_fast.runtime.cpu_has_fast_bf16`), fp32
-elsewhere, channels_last with batch norm folded into the convolutions (``optimize``), next to
+elsewhere, channels_last with batch norm folded into the convolutions and each 2x2 max-pool run
+before its ReLU (``optimize``; the same function), next to
 ONNX Runtime (``backend="auto"``, below). The weights stay fp32 in every case; a 16-bit ``dtype``
 is the autocast compute type, as in training and evaluation. Every model call runs under
 ``torch.inference_mode``. ``compile=True`` on the CPU compiles with Inductor's freezing
@@ -55,8 +56,8 @@ So the model runs only on a few fixed batch sizes, the *buckets*:
   CUDA). A call on B images runs full chunks of ``model_batch``, then the rest in the smallest
   bucket that holds it, zero-padded (7 images: one call of 8). A lone image costs one batch-1
   call.
-- ``"strict"``: always ``model_batch`` rows, the last call zero-padded (the earlier behaviour; a
-  lone image runs with 31 zero images on the CPU).
+- ``"strict"``: always ``model_batch`` rows, the last call zero-padded (the earlier behaviour,
+  then with 16 rows on the CPU; a lone image now runs with 31 zero images there).
 
 The guarantee (for a given device, backend choice, dtype and thread count): an image's prediction
 depends only on its pixels and its bucket. Within a bucket it is bit-identical whatever its
