@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
@@ -273,6 +274,75 @@ def measure(
     return result
 
 
+def measure_interleaved(
+    benchmark,
+    profile: Profile,
+    fns: dict[str, Callable[[], Any]],
+    *,
+    group: str,
+    sizes: str,
+    baselines: dict[str, tuple[str, ...]],
+    items: Optional[float] = None,
+    rounds: int = 10,
+    prewarm: int = 2,
+    notes: str = "",
+    extra: Optional[dict[str, dict]] = None,
+) -> dict[str, Result]:
+    """Time several callables (case name -> one call) round-robin in the same process: each
+    round calls every one once, in a (seeded) random order, so that the load of the other tenants
+    and the cache state a call finds (what ran just before it) fall on all of them alike and their
+    ratios compare like with like. Keeps one
+    :class:`Result` per case (median and minimum over the rounds). The pytest-benchmark entry of
+    the test is the whole interleaved block, timed once."""
+    device = profile.device
+    names = list(fns)
+    for _ in range(prewarm):
+        for name in names:
+            fns[name]()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu_times: dict[str, list[float]] = {name: [] for name in names}
+
+    def block() -> None:
+        shuffle = random.Random(0)
+        for _ in range(rounds):
+            order = shuffle.sample(names, len(names))
+            for name in order:
+                c0, t0 = time.thread_time(), time.perf_counter()
+                fns[name]()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+                cpu_times[name].append(time.thread_time() - c0)
+
+    benchmark.group = group
+    benchmark.extra_info.update(cases=names, sizes=sizes, rounds=rounds, timing="interleaved",
+                                device=device_name(device), profile=profile.name)
+    benchmark.pedantic(block, rounds=1, warmup_rounds=0, iterations=1)
+    out = {}
+    for name in names:
+        ts = sorted(times[name])
+        if not ts:  # --benchmark-disable: nothing timed
+            continue
+        median = _median(ts)
+        # CPU time of the calling thread: with one thread (torch and ONNX Runtime both compute on
+        # the caller's thread then) it leaves out the time the other tenants held the core
+        more = {**((extra or {}).get(name, {})), "thread_cpu_median_s": _median(sorted(cpu_times[name]))}
+        info = {"case": name, "sizes": sizes, "baselines": list(baselines.get(name, ())), "timing": "interleaved",
+                "median_per_call_s": median, **more}
+        result = Result(case=name, group=group, sizes=sizes, baselines=list(baselines.get(name, ())), median=median,
+                        min=ts[0], items=items, timing="interleaved", notes=notes, extra=more, info=info)
+        benchmark.extra_info[name] = info
+        RESULTS[name] = result
+        _append_log(result)
+        out[name] = result
+    return out
+
+
+def _median(sorted_values: list[float]) -> float:
+    n = len(sorted_values)
+    return sorted_values[n // 2] if n % 2 else (sorted_values[n // 2 - 1] + sorted_values[n // 2]) / 2
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -369,6 +439,10 @@ GOALS: list[Goal] = [
          "train/fast_bf16_compiled", alternates=("data/nvjpeg", "data/tv_decode_jpeg")),
     Goal("gpu", "inference ≥ 10,000 img/s at batch 256 (decoded tensors)", "img_s", "infer/b256/compiled", 10_000),
     Goal("gpu", "inference batch-1 latency ≤ 3 ms", "latency", "infer/b1/compiled", 3e-3),
+    Goal("cpu", "inference batch-1 latency of the default C2FClassifier ≤ 1.0× ONNX Runtime's, same threads",
+         "ratio", "infer/b1/default", 1.0, "infer/b1/onnxruntime"),
+    Goal("cpu", "inference batch-64 throughput of the default C2FClassifier ≥ 1.2× ONNX Runtime's, same threads",
+         "ratio", "infer/b64/default", 1.2, "infer/b64/onnxruntime"),
     Goal("cpu", "DALI (fused decode+crop) ≥ 1.1× torch DataLoader, same threads", "ratio", "data/dali", 1.1,
          "data/torch"),
     Goal("cpu", "bf16 + channels_last training step ≥ 1.5× fp32 NCHW (a CPU with bf16 units)", "ratio",

@@ -52,7 +52,8 @@ GOAL_CASES_GPU = (
 
 
 GOAL_CASES_CPU = ("test_data[torch]", "test_data[dali]", "test_decoder[ref_eager]", "test_decoder[ref_compiled]",
-                  "test_train_step[ref_fp32_eager]", "test_train_step[cpu_bf16_cl]")
+                  "test_train_step[ref_fp32_eager]", "test_train_step[cpu_bf16_cl]",
+                  "test_infer_vs_onnxruntime[b1]", "test_infer_vs_onnxruntime[bN]")
 
 
 def pytest_collection_modifyitems(session, config, items):

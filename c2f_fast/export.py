@@ -198,6 +198,35 @@ def export_model(
 
     if fmt not in FORMATS:
         raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
+    clf = C2FClassifier.from_checkpoint(checkpoint, device="cpu", dtype=torch.float32, compile=False,
+                                        which=which, fast_kernels=False, **REFERENCE_OPTIONS)
+    return export_classifier(clf, fmt, out, images=images, num_synthetic=num_synthetic, tolerance=tolerance,
+                             seed=seed)
+
+
+#: The C2FClassifier options of the check's reference: the plain PyTorch path (no layout changes,
+#: no batch-norm folding), fixed model batches.
+REFERENCE_OPTIONS = {"backend": "torch", "batching": "strict", "optimize": False}
+
+
+def export_classifier(
+    clf,
+    fmt: str,
+    out: str | os.PathLike,
+    *,
+    images: Any = None,
+    num_synthetic: int = 4,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+) -> ExportReport:
+    """:func:`export_model` for a model already loaded: ``clf`` is a CPU, float32
+    :class:`~c2f_fast.infer.C2FClassifier` on the torch backend (built with
+    :data:`REFERENCE_OPTIONS`); its ``decode`` is the check's reference."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
+    if clf.device.type != "cpu" or clf.dtype != torch.float32 or clf.backend != "torch":
+        raise ValueError(f"clf: expected a CPU float32 classifier on the torch backend, got {clf.device} "
+                         f"{clf.dtype} {clf.backend}")
     if not tolerance > 0:
         raise ValueError(f"tolerance: expected a positive number, got {tolerance!r}")
     if num_synthetic < 1:
@@ -211,8 +240,6 @@ def export_model(
         except ImportError:
             raise ExportError("onnx: onnxruntime is needed to check the export (pip install onnxruntime)") from None
 
-    clf = C2FClassifier.from_checkpoint(checkpoint, device="cpu", dtype=torch.float32, compile=False,
-                                        which=which, fast_kernels=False)
     batch, described = _check_images(clf, images, num_synthetic, seed)
     runs = [batch, batch[:1]] if batch.shape[0] > 1 else [batch]
     described += f", as a batch of {batch.shape[0]}" + (" and the first alone" if len(runs) > 1 else "")
@@ -295,5 +322,5 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_TOLERANCE", "ExportError", "ExportReport", "FORMATS", "GreedyExport", "add_export_arguments",
-           "export_command", "export_model"]
+__all__ = ["DEFAULT_TOLERANCE", "ExportError", "ExportReport", "FORMATS", "GreedyExport", "REFERENCE_OPTIONS",
+           "add_export_arguments", "export_classifier", "export_command", "export_model"]

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from c2f_fast import export as export_mod
-from c2f_fast.export import DEFAULT_TOLERANCE, ExportError, add_export_arguments, export_command, export_model
-from c2f_fast.infer import C2FClassifier
+from c2f_fast.export import (DEFAULT_TOLERANCE, REFERENCE_OPTIONS, ExportError, add_export_arguments, export_command,
+                             export_model)
+from c2f_fast.infer import C2FClassifier, weights_hash
 
 from test_infer import make_image, write_run
 
@@ -36,7 +37,7 @@ def run(tmp_path_factory):
         path = root / f"img{i}.jpg"
         make_image(i, h, w).save(path, quality=90)
         paths.append(path)
-    clf = C2FClassifier.from_checkpoint(run_dir, device="cpu")
+    clf = C2FClassifier.from_checkpoint(run_dir, device="cpu", dtype="fp32", **REFERENCE_OPTIONS)
     return {"run_dir": run_dir, "paths": paths, "clf": clf}
 
 
@@ -149,3 +150,57 @@ def test_export_command(run, tmp_path, capsys, monkeypatch):
     assert code == 1 and "cannot export the model" in err and "no op for X" in err
     assert not (tmp_path / "z.pt2").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jpg", "m.pt"]
+
+
+# ---------------------------------------------------------------- the ONNX Runtime backend's cache
+
+
+@needs_onnx
+def test_cached_onnx_is_reused_and_rebuilt_when_the_weights_change(tmp_path):
+    """from_checkpoint(backend="onnxruntime") exports beside the weights, keyed by their hash;
+    the same weights reuse the file, new weights get a new file (the old one removed) that
+    predicts what the new weights predict."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_run(run_dir, seed=0)
+    images = C2FClassifier.from_checkpoint(run_dir, device="cpu", backend="torch").preprocess(
+        [make_image(i, 40 + 7 * i, 64) for i in range(3)])
+
+    first = C2FClassifier.from_checkpoint(run_dir, device="cpu", backend="onnxruntime")
+    path = first.onnx_path
+    assert path.parent == run_dir and path.name.startswith("best.") and path.suffix == ".onnx"
+    assert path.name == f"best.{weights_hash(first.model, first.class_names)}.onnx"
+    stamp = path.stat().st_mtime_ns
+    again = C2FClassifier.from_checkpoint(run_dir, device="cpu", backend="onnxruntime")
+    assert again.onnx_path == path and path.stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert torch.equal(again(images), first(images))
+
+    write_run(run_dir, seed=1)  # new weights under the same name
+    changed = C2FClassifier.from_checkpoint(run_dir, device="cpu", backend="onnxruntime")
+    assert changed.onnx_path != path and changed.onnx_path.is_file()
+    assert not path.exists()  # the stale export is gone
+    assert sorted(p.name for p in run_dir.glob("*.onnx")) == [changed.onnx_path.name]
+    torch_ref = C2FClassifier.from_checkpoint(run_dir, device="cpu", dtype="fp32", **REFERENCE_OPTIONS)
+    assert (changed(images) - torch_ref(images)).abs().max().item() <= DEFAULT_TOLERANCE
+    assert (changed(images) - first(images)).abs().max().item() > 1e-3  # it is the new model
+
+
+@needs_onnx
+def test_given_onnx_file_is_loaded_and_checked(run, tmp_path):
+    out = tmp_path / "given.onnx"
+    export_model(run["run_dir"], "onnx", out)
+    clf = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", backend="onnxruntime", onnx=out)
+    assert clf.onnx_path == out and not list(Path(run["run_dir"]).glob("*.onnx"))  # nothing cached
+    images = run["clf"].preprocess([make_image(i, 64, 64) for i in range(2)])
+    assert (clf(images) - run["clf"](images)).abs().max().item() <= DEFAULT_TOLERANCE
+    other = tmp_path / "other"
+    other.mkdir()
+    model = write_run(other)
+    checkpoint_json = json.loads((other / "model.json").read_text())
+    checkpoint_json["class_names"] = ["a", "b", "c", "d", "e"]
+    (other / "model.json").write_text(json.dumps(checkpoint_json))
+    del model
+    with pytest.raises(ValueError, match=r"given\.onnx: exported for another model"):
+        C2FClassifier.from_checkpoint(other, device="cpu", backend="onnxruntime", onnx=out)
+    with pytest.raises(FileNotFoundError, match="nope.onnx"):
+        C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", backend="onnxruntime", onnx=tmp_path / "nope.onnx")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import threading
@@ -17,13 +18,23 @@ from c2f_fast import checkpoint
 from c2f_fast.data.images import BadImageError
 from c2f_fast.data.loaders import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig
 from c2f_fast.data.torch_pipeline import ImageFileDataset, decode_rgb
-from c2f_fast.infer import C2FClassifier, Prediction, add_predict_arguments, predict_command
+from c2f_fast.infer import (BUCKET_TOLERANCE, C2FClassifier, Prediction, add_predict_arguments, bucket_sizes,
+                             predict_command)
+from c2f_fast.runtime import cpu_has_fast_bf16
 from c2f_fast.model import C2FNet, ModelConfig, greedy_emissions
 from conftest import requires_cuda
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 CLASSES = ["cat", "dog", "car", "tree", "boat"]
+
+#: The classifier most tests use: fp32 torch, fixed model batches (bit-identical whatever the batch).
+STRICT = {"backend": "torch", "dtype": "fp32", "batching": "strict", "model_batch": 16}
+
+needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or
+                               importlib.util.find_spec("onnxscript") is None,
+                               reason="the ONNX Runtime backend needs onnxruntime and onnxscript "
+                                      "(pip install -e .[dev])")
 
 
 def tiny_config() -> ModelConfig:
@@ -66,7 +77,7 @@ def run(tmp_path_factory):
         path = root / f"img{i}{ext}"
         make_image(i, h, w).save(path, **({"quality": 90} if ext == ".jpg" else {}))
         paths.append(path)
-    clf = C2FClassifier.from_checkpoint(run_dir, device="cpu")
+    clf = C2FClassifier.from_checkpoint(run_dir, device="cpu", **STRICT)
     return {"root": root, "run_dir": run_dir, "model": model, "paths": paths, "clf": clf}
 
 
@@ -85,16 +96,37 @@ def same(a: list[Prediction], b: list[Prediction], sources: bool = False) -> Non
 
 
 def test_defaults_and_attributes(run):
-    clf = run["clf"]
+    clf = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu")
     assert clf.class_names == CLASSES
     assert clf.image_size == 64
     assert clf.device == torch.device("cpu")
-    assert clf.dtype == torch.float32
-    assert not clf.compiled
+    assert clf.dtype == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    assert not clf.compiled and clf.optimize
     assert not clf.model.cfg.fast_kernels
+    assert clf.batching == "buckets" and clf.buckets == [1, 2, 4, 8, 16, 32] and clf.model_batch == 32
+    if importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None:
+        assert clf.backend == "auto"
+        assert clf.onnx_path.parent == run["run_dir"] and clf.onnx_path.is_file()
+        assert clf.onnx_path.with_suffix(".timings.json").is_file()
+        assert set(clf.bucket_backends) == set(clf.buckets)
+        assert set(clf.bucket_backends.values()) <= {"torch", "onnxruntime"}
+    else:
+        assert clf.backend == "torch"
     assert isinstance(clf, torch.nn.Module)
-    # the compiled runner is not a registered submodule: one copy of the weights in the state dict
+    # the runner (a channels_last copy, batch norm folded) is not a registered submodule: one
+    # copy of the weights in the state dict, the plain model's
     assert set(clf.state_dict()) == {f"model.{k}" for k in run["model"].state_dict()}
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in clf.model.modules())
+    assert run["clf"].backend == "torch" and run["clf"].buckets == [16]
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(1) == [1]
+    assert bucket_sizes(16) == [1, 2, 4, 8, 16]
+    assert bucket_sizes(24) == [1, 2, 4, 8, 16, 24]
+    for bad in (dict(backend="tensorrt"), dict(batching="dynamic")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            C2FClassifier(C2FNet(tiny_config()), CLASSES, device="cpu", **bad)
 
 
 def test_predict_matches_the_model_and_the_eval_preprocessing(run):
@@ -193,8 +225,8 @@ def test_bad_items_get_errors_and_the_rest_is_predicted(run, tmp_path):
         clf.predict([paths[0], 42], errors="raise")
 
 
-def test_batch_size_does_not_change_results(run):
-    """Bit-identical: the model always runs on fixed batches of model_batch (16) images, padded,
+def test_strict_batching_does_not_change_results(run):
+    """Bit-identical: strict mode always runs fixed batches of model_batch (16) images, padded,
     so an image's row is computed the same way wherever it sits (see the infer module docstring).
     19 inputs: more than one model batch, images at different positions in each run."""
     clf, paths = run["clf"], run["paths"]
@@ -210,7 +242,7 @@ def test_batch_size_does_not_change_results(run):
     assert torch.equal(torch.cat([clf(images[i:i + 1]) for i in range(19)]),
                        torch.cat([clf(images[i:i + 7]) for i in range(0, 19, 7)]))
     # model_batch=1 (for latency): every image runs alone, so again independent of batch_size
-    alone = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", model_batch=1)
+    alone = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", **{**STRICT, "model_batch": 1})
     same(alone.predict(inputs[:8], batch_size=1), alone.predict(inputs[:8], batch_size=7), sources=True)
 
 
@@ -269,10 +301,12 @@ def test_checkpoint_layouts_give_the_same_model(run, tmp_path):
     """A run folder, a .safetensors file (model.json beside it) and a training checkpoint.pt."""
     run_dir, paths = run["run_dir"], run["paths"]
     expected = run["clf"].predict(paths[:3])
-    same(expected, C2FClassifier.from_checkpoint(run_dir / "best.safetensors", device="cpu").predict(paths[:3]))
+    from_file = C2FClassifier.from_checkpoint(run_dir / "best.safetensors", device="cpu", **STRICT)
+    same(expected, from_file.predict(paths[:3]))
     meta = json.loads((run_dir / "model.json").read_text())
     checkpoint.save_checkpoint(tmp_path, {"meta": meta, "model": run["model"].state_dict()})
-    same(expected, C2FClassifier.from_checkpoint(tmp_path / "checkpoint.pt", device="cpu").predict(paths[:3]))
+    from_pt = C2FClassifier.from_checkpoint(tmp_path / "checkpoint.pt", device="cpu", **STRICT)
+    same(expected, from_pt.predict(paths[:3]))
     with pytest.raises(checkpoint.CheckpointError, match="no such file"):
         C2FClassifier.from_checkpoint(tmp_path / "nope", device="cpu")
 
@@ -286,12 +320,149 @@ def test_lazy_package_export():
         c2f_fast.does_not_exist  # noqa: B018
 
 
+def distinct_images(clf: C2FClassifier, n: int = 16) -> torch.Tensor:
+    return clf.preprocess([make_image(i, 40 + 3 * i, 70 - 2 * i) for i in range(n)])
+
+
+@pytest.mark.parametrize("backend, dtype", [("torch", "fp32"), ("torch", "bf16"),
+                                            pytest.param("onnxruntime", "fp32", marks=needs_ort)])
+def test_bucket_results_depend_only_on_the_bucket(run, backend, dtype):
+    """The guarantee of the module docstring: within a bucket bit-identical at every position,
+    with any neighbours, for any count that falls in that bucket; between a bucket and strict mode
+    (fp32 torch, one call of 16) within BUCKET_TOLERANCE."""
+    clf = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", backend=backend, dtype=dtype, model_batch=16)
+    assert clf.buckets == [1, 2, 4, 8, 16] and set(clf.bucket_backends.values()) == {backend}
+    images = distinct_images(clf)
+    strict = run["clf"](images)
+    tolerance = BUCKET_TOLERANCE["bf16" if dtype == "bf16" else "onnxruntime" if backend == "onnxruntime" else "fp32"]
+    worst = 0.0
+    for bucket in clf.buckets:
+        for target in (0, 5, 11):
+            rows = []
+            for pos in range(bucket):  # the target at each position, the neighbours rotating
+                batch = images[[(target + j - pos) % 16 for j in range(bucket)]]
+                rows.append(clf(batch)[pos])
+            for row in rows[1:]:
+                assert torch.equal(row, rows[0]), (bucket, target)
+            worst = max(worst, (rows[0] - strict[target]).abs().max().item())
+    assert worst <= tolerance, (worst, tolerance)
+    # 3..4 images share the bucket of 4 (zero-padded): the same rows whatever the count
+    assert torch.equal(clf(images[2:5]), clf(images[1:5])[1:])
+    # predict: the batch_size only changes results through the bucket (19 = 16 + a bucket of 4)
+    paths = run["paths"]
+    inputs = [paths[(3 * i) % len(paths)] for i in range(19)]
+    by_one = clf.predict(inputs, batch_size=1)  # every image alone: bucket 1
+    for p in by_one:
+        same([p], clf.predict([p.source]))
+    by_19 = clf.predict(inputs, batch_size=19)
+    for p, q in zip(by_one, by_19):
+        assert max(abs(p.scores[c] - q.scores[c]) for c in CLASSES) <= tolerance
+
+
+@needs_ort
+def test_onnxruntime_backend_predicts_what_torch_does(run, tmp_path):
+    """Same predict API, same per-item errors, scores within the export check's tolerance."""
+    paths = run["paths"]
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(paths[0].read_bytes()[:200] + b"\x00" * 300 + b"\xff\xd9")
+    inputs = [paths[0], corrupt, paths[1], 42, paths[2], paths[3], paths[4], paths[5]]
+    ort_clf = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", backend="onnxruntime", batching="strict")
+    assert ort_clf.backend == "onnxruntime" and ort_clf.dtype == torch.float32
+    got, expected = ort_clf.predict(inputs), run["clf"].predict(inputs)
+    assert [p.source for p in got] == [p.source for p in expected]
+    assert [p.error for p in got] == [p.error for p in expected]
+    assert got[1].error and got[3].error and "unsupported input type int" in got[3].error
+    for p, q in zip(got, expected):
+        if p.error is None:
+            assert p.labels == q.labels and p.step_labels == q.step_labels
+            assert max(abs(p.scores[c] - q.scores[c]) for c in CLASSES) <= BUCKET_TOLERANCE["onnxruntime"]
+    assert any(p.labels for p in got if p.ok)
+    with pytest.raises(BadImageError, match="corrupt.jpg"):
+        ort_clf.predict(inputs, errors="raise")
+    images = distinct_images(ort_clf, 5)
+    assert ort_clf(images).dtype == torch.float32 and ort_clf.decode(images)[1].dtype == torch.long
+    for bad in (dict(dtype="bf16"), dict(compile=True)):
+        with pytest.raises(ValueError, match="backend='onnxruntime'"):
+            C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", backend="onnxruntime", **bad)
+    with pytest.raises(ValueError, match="onnx="):
+        C2FClassifier(C2FNet(tiny_config()), CLASSES, device="cpu", backend="onnxruntime")
+
+
+@needs_ort
+def test_auto_runs_each_bucket_on_its_measured_faster_backend(tmp_path):
+    """auto: timings measured once and stored beside the .onnx; each bucket on the faster backend;
+    a call mixing buckets of both backends stays within tolerance of strict fp32 torch."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_run(run_dir)
+    clf = C2FClassifier.from_checkpoint(run_dir, device="cpu", dtype="fp32", model_batch=16)
+    store = clf.onnx_path.with_suffix(".timings.json")
+    entries = json.loads(store.read_text())["entries"]
+    assert len(entries) == 1 and entries[0] == clf.timings
+    assert entries[0]["key"]["threads"] == torch.get_num_threads() and entries[0]["key"]["dtype"] == "float32"
+    ms = entries[0]["ms"]
+    assert clf.bucket_backends == {b: "onnxruntime" if ms["onnxruntime"][str(b)] <= ms["torch"][str(b)] else "torch"
+                                   for b in clf.buckets}
+    # stored timings decide (here: made up, ONNX Runtime faster for 1 and 2 images only)
+    entries[0]["ms"] = {"torch": {str(b): 10.0 for b in clf.buckets},
+                        "onnxruntime": {str(b): 5.0 if b <= 2 else 20.0 for b in clf.buckets}}
+    store.write_text(json.dumps({"entries": entries}))
+    mixed = C2FClassifier.from_checkpoint(run_dir, device="cpu", dtype="fp32", model_batch=16)
+    assert mixed.bucket_backends == {1: "onnxruntime", 2: "onnxruntime", 4: "torch", 8: "torch", 16: "torch"}
+    assert "onnxruntime for 1-2 images" in mixed.describe_backend()
+    images = distinct_images(mixed, 18)  # a call of 16 (torch) and one of 2 (onnxruntime)
+    strict = C2FClassifier.from_checkpoint(run_dir, device="cpu", **STRICT)
+    assert (mixed(images) - strict(images)).abs().max().item() <= BUCKET_TOLERANCE["onnxruntime"]
+    # another dtype is another key: measured and added
+    C2FClassifier.from_checkpoint(run_dir, device="cpu", dtype="bf16", model_batch=16)
+    keys = [e["key"]["dtype"] for e in json.loads(store.read_text())["entries"]]
+    assert sorted(keys) == ["bfloat16", "float32"]
+    # auto without a run folder or an .onnx: plain torch
+    assert C2FClassifier(C2FNet(tiny_config()), CLASSES, device="cpu").backend == "torch"
+
+
+@pytest.mark.slow
+def test_compiled_cpu_matches_eager(run):
+    """compile=True on the CPU (Inductor, freezing: folded and prepacked weights): one small bucket."""
+    compiled = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", backend="torch", dtype="fp32",
+                                             compile=True, model_batch=2)
+    eager = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", backend="torch", dtype="fp32", model_batch=2)
+    images = distinct_images(eager, 2)
+    got = compiled(images)
+    assert compiled.compiled and (got - eager(images)).abs().max().item() <= BUCKET_TOLERANCE["fp32"] * 10
+    assert torch.equal(compiled.decode(images)[1], eager.decode(images)[1])
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_graph_buckets_match_eager(run):
+    """compile="reduce-overhead": one CUDA graph per bucket; each replay equals eager within bf16
+    noise, repeated replays are bit-identical, and a later replay does not overwrite the tensors an
+    earlier call returned."""
+    graphs = C2FClassifier.from_checkpoint(run["run_dir"], compile="reduce-overhead", model_batch=8)
+    eager = C2FClassifier.from_checkpoint(run["run_dir"], compile=False, model_batch=8)
+    assert graphs.buckets == [1, 2, 4, 8] and graphs.backend == "torch"
+    images = distinct_images(eager, 8).cuda()
+    kept = {}
+    for bucket in graphs.buckets:
+        first = graphs(images[:bucket])
+        kept[bucket] = (first, first.clone())
+        for _ in range(2):
+            assert torch.equal(graphs(images[:bucket]), first)
+        assert (first - eager(images[:bucket])).abs().max().item() <= BUCKET_TOLERANCE["bf16"]
+    for first, copy in kept.values():
+        assert torch.equal(first, copy)
+
+
 @requires_cuda
 @pytest.mark.gpu
 def test_cuda_defaults_and_agreement_with_the_cpu(run):
     """CUDA defaults: bf16 autocast, torch.compile, the Triton kernels; JPEGs decoded by nvJPEG.
-    Scores within bf16 accuracy of the fp32 CPU reference; batch-size independent (fixed shape)."""
-    clf = C2FClassifier.from_checkpoint(run["run_dir"])
+    Scores within bf16 accuracy of the fp32 CPU reference; batch-size independent in strict mode
+    (one fixed shape)."""
+    default = C2FClassifier.from_checkpoint(run["run_dir"])
+    assert default.backend == "torch" and default.buckets == [1, 2, 4, 8, 16, 32]
+    clf = C2FClassifier.from_checkpoint(run["run_dir"], batching="strict")
     assert clf.device.type == "cuda" and clf.dtype == torch.bfloat16 and clf.compiled
     assert clf.model.cfg.fast_kernels and clf.model_batch == 32
     paths = run["paths"]
@@ -321,10 +492,14 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def test_predict_command(run, capsys, tmp_path):
     run_dir, paths = run["run_dir"], run["paths"]
-    expected = run["clf"].predict(paths[:2])
+    # what the command runs with --backend torch --dtype fp32 --batching strict (CPU model batch 32)
+    expected = C2FClassifier.from_checkpoint(run_dir, device="cpu", **{**STRICT, "model_batch": 32}).predict(paths[:2])
 
-    code, out, err = run_cli(["--checkpoint", str(run_dir), "--device", "cpu", str(paths[0]), str(paths[1])], capsys)
+    strict = ["--backend", "torch", "--dtype", "fp32", "--batching", "strict"]
+    code, out, err = run_cli(["--checkpoint", str(run_dir), "--device", "cpu", *strict, str(paths[0]), str(paths[1])],
+                             capsys)
     assert code == 0, err
+    assert "2 images in" in err and "images/s" in err and "backend torch fp32" in err
     lines = out.splitlines()
     assert len(lines) == 2
     for line, p in zip(lines, expected):
@@ -334,7 +509,7 @@ def test_predict_command(run, capsys, tmp_path):
 
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 100)
-    code, out, err = run_cli(["--checkpoint", str(run_dir), "--device", "cpu", "--json", "--top-k", "2",
+    code, out, err = run_cli(["--checkpoint", str(run_dir), "--device", "cpu", *strict, "--json", "--top-k", "2",
                               str(paths[0]), str(bad), str(paths[1])], capsys)
     assert code == 1
     rows = [json.loads(line) for line in out.splitlines()]
@@ -348,7 +523,11 @@ def test_predict_command(run, capsys, tmp_path):
 
     code, out, err = run_cli(["--checkpoint", str(run_dir), "--device", "cpu", str(bad)], capsys)
     assert code == 1 and out == ""
-    assert f"{bad}: error: " in err
+    assert f"{bad}: error: " in err and "images/s" not in err  # one image: no rate
+    if importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None:
+        code, out, err = run_cli(["--checkpoint", str(run_dir), "--device", "cpu", "--backend", "onnxruntime",
+                                  str(paths[0]), str(paths[1])], capsys)
+        assert code == 0 and out.splitlines()[0].startswith(f"{paths[0]}: ") and "backend onnxruntime" in err
 
     code, out, err = run_cli(["--checkpoint", str(tmp_path / "no_such_run"), str(paths[0])], capsys)
     assert code == 2 and "--checkpoint" in err and "no_such_run" in err and out == ""
