@@ -18,7 +18,7 @@ gives an ``nn.Module`` for three uses:
 
 Defaults: CUDA when present, else the CPU; on CUDA bf16 autocast, ``torch.compile`` and the Triton
 kernels (``ModelConfig.fast_kernels``); on the CPU eager PyTorch with bf16 autocast where the CPU
-computes bf16 natively (AMX or AVX512-BF16: :func:`c2f_fast.runtime.cpu_has_fast_bf16`), fp32
+computes bf16 natively (AMX or AVX512-BF16: :func:`c2f_fast.runtime.cpu_bf16_support`), fp32
 elsewhere, channels_last with batch norm folded into the convolutions and each 2x2 max-pool run
 before its ReLU (``optimize``; the same function), next to
 ONNX Runtime (``backend="auto"``, below). The weights stay fp32 in every case; a 16-bit ``dtype``
@@ -104,7 +104,7 @@ from .checkpoint import add_checkpoint_arguments
 from .data.base import normalize, resize_whole
 from .data.images import _JPEG_TAIL_WINDOW, BadImageError, sniff_format
 from .model import C2FNet, greedy_emissions
-from .runtime import cpu_has_fast_bf16
+from .runtime import cpu_bf16_support
 
 warnings.filterwarnings(
     "ignore",
@@ -269,8 +269,13 @@ class C2FClassifier(nn.Module):
                 raise ValueError(f"backend='onnxruntime': computes in float32; got dtype {dtype!r}")
             if compile:
                 raise ValueError("backend='onnxruntime': compile applies to the torch backend only")
+        #: why the dtype is what it is, in words (``c2f predict`` prints it at start-up)
+        self.dtype_reason = "set" if dtype is not None else f"auto on {self.device.type}"
         if dtype is None and cpu:  # bf16 where the CPU computes it natively (fp32 in the ONNX model)
-            dtype = torch.bfloat16 if cpu_has_fast_bf16() and backend != "onnxruntime" else torch.float32
+            fast, why = cpu_bf16_support()
+            dtype = torch.bfloat16 if fast and backend != "onnxruntime" else torch.float32
+            self.dtype_reason = ("auto: fp32 because the ONNX model computes in fp32" if backend == "onnxruntime"
+                                 else f"auto: {'bf16' if fast else 'fp32'} because {why}")
         self.dtype = _resolve_dtype(dtype, self.device)
         if compile is None:
             compile = not cpu
@@ -1044,6 +1049,9 @@ def predict_command(args: argparse.Namespace) -> int:
         return _usage_error(f"--checkpoint: {err}")
     except ValueError as err:
         return _usage_error(str(err))
+    print(f"settings: {clf.device.type}: {str(clf.dtype).replace('torch.', '')}, compile="
+          f"{'on' if clf.compiled else 'off'}, backend {args.backend} ({clf.dtype_reason})",
+          file=sys.stderr, flush=True)
     failed = 0
     from torchvision.io import decode_image  # noqa: F401 -- a one-time import (seconds): not in the rate
 
