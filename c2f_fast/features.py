@@ -125,7 +125,7 @@ def manifest_for(cfg: TrainConfig, encoder: nn.Module, train_set, test_set, view
             "test": {"num_images": len(test_set), "views": 1, "fingerprint": dataset_fingerprint(test_set, root)},
         },
         # how the features were computed: a resumed cache must compute them the same way
-        "compute": {"device": settings.device.type, "precision": settings.precision},
+        "compute": {"device": settings.device.type, "precision": settings.precision, "loader": cfg.data.loader},
         "dataset": {"format": cfg.data.format, "root": str(root), "train_split": cfg.data.train_split,
                     "test_split": cfg.data.test_split, "class_names": list(train_set.class_names)},
     }
@@ -327,59 +327,30 @@ def _write_split(out: Path, split: str, dataset, chunks: list[int], manifest: di
     """Compute and write the shards ``chunks`` of ``split``; returns how many were written."""
     if not chunks:
         return 0
-    from torch.utils.data import DataLoader
-
-    from .data.base import LoaderConfig, normalize, sample_seed
-    from .data.images import BadImageError
-    from .data.torch_pipeline import ImageFileDataset, worker_context
-
     shard_size, file_dtype = manifest["shard_size"], DTYPES[manifest["dtype"]][0]
     store_dtype = DTYPES[manifest["dtype"]][1]
-    augmented = split == "train" and manifest["views"] > 0
-    num_views = manifest["splits"][split]["views"]
     spans = _chunks(len(dataset), shard_size)
-    # every shard in the same batches whatever else runs: (chunk, view, first row) per batch
-    plan, batches = [], []
-    for c in chunks:
-        start, end = spans[c]
-        for v in range(num_views):
-            for b in range(start, end, batch_size):
-                rows = range(b, min(end, b + batch_size))
-                plan.append((c, v, b - start))
-                batches.append([(i, sample_seed(cfg.run.seed, v, i, 3) if augmented else 0) for i in rows])
-    lc = LoaderConfig(batch_size=batch_size, train=augmented, image_size=cfg.model.image_size,
-                      device=torch.device("cpu"), num_workers=cfg.data.workers, shard_id=0, num_shards=1,
-                      seed=cfg.run.seed, dtype=torch.float32, crop_scale=cfg.data.crop_scale,
-                      crop_ratio=cfg.data.crop_ratio, prefetch=2)
-    workers = cfg.data.workers
-    loader = DataLoader(ImageFileDataset(list(dataset.image_paths), lc), batch_sampler=batches,
-                        num_workers=workers, collate_fn=_keep, pin_memory=settings.device.type == "cuda",
-                        prefetch_factor=2 if workers else None,
-                        multiprocessing_context=worker_context() if workers else None)
     open_files: dict[int, tuple] = {}
-    left = {c: num_views * math.ceil((spans[c][1] - spans[c][0]) / batch_size) for c in chunks}
+    left = {c: manifest["splits"][split]["views"] * (spans[c][1] - spans[c][0]) for c in chunks}
     written = 0
     with torch.no_grad():
-        for (c, v, row), items in zip(plan, loader):
-            bad = [(index, problem) for _, index, problem in items if problem is not None]
-            if bad:
-                raise BadImageError(dataset.image_paths[bad[0][0]], bad[0][1],
-                                    others=[(dataset.image_paths[i], p) for i, p in bad[1:]])
-            images = torch.stack([image for image, _, _ in items]).to(settings.device, non_blocking=True)
-            x = normalize(images)
+        for view, x, indices in _view_batches(split, dataset, chunks, spans, manifest, cfg, settings, batch_size):
+            c, row = divmod(int(indices[0]), shard_size)
+            n = len(indices)
+            if not np.array_equal(indices, np.arange(indices[0], indices[0] + n)) or row + n > len(range(*spans[c])):
+                raise RuntimeError(f"{split}: a batch of images {indices.tolist()} is not one run of shard {c}")
             if settings.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with settings.autocast():
                 a, fc = encoder(x)
             if c not in open_files:
-                start, end = spans[c]
                 open_files[c] = tuple(
                     (path, _tmp(path), np.lib.format.open_memmap(_tmp(path), mode="w+", dtype=file_dtype, shape=shape))
-                    for path, shape in zip(shard_paths(out, split, c), _shard_shapes(manifest, split, end - start)))
+                    for path, shape in zip(shard_paths(out, split, c), _shard_shapes(manifest, split, len(range(*spans[c])))))
             for (path, _, array), value in zip(open_files[c], (a, fc)):
-                array[v, row:row + len(items)] = _to_numpy(value, store_dtype, path)
-            bar.update(len(items))
-            left[c] -= 1
+                array[view, row:row + n] = _to_numpy(value, store_dtype, path)
+            bar.update(n)
+            left[c] -= n
             if left[c] == 0:
                 for path, tmp, array in open_files.pop(c):
                     array.flush()
@@ -389,6 +360,60 @@ def _write_split(out: Path, split: str, dataset, chunks: list[int], manifest: di
                 _fsync_dir(out / split)
                 written += 1
     return written
+
+
+def _view_batches(split: str, dataset, chunks: list[int], spans, manifest: dict, cfg: TrainConfig,
+                  settings: Settings, batch_size: int):
+    """``(view, normalised images on the device, dataset indices)`` for every image of ``chunks``
+    and every view, in batches that start at a shard's first image (the same batches whatever
+    else is written).
+
+    The evaluation view comes from the run's loader (``data.loader``: DALI, decoding on the GPU
+    when there is one, or torch), in dataset order. Augmented views come from the torch loader's
+    transforms, each image's crop and flip drawn from a generator seeded by ``(seed, view, index)``.
+    """
+    from .data import MultiLabelSet, build_loader
+    from .data.base import LoaderConfig, normalize, sample_seed
+    from .data.images import BadImageError
+
+    mine = np.concatenate([np.arange(*spans[c]) for c in chunks])
+    if not (split == "train" and manifest["views"] > 0):
+        subset = MultiLabelSet([dataset.image_paths[i] for i in mine], dataset.targets[mine], dataset.class_names)
+        loader = build_loader(subset, batch_size, train=False, image_size=cfg.model.image_size, backend=cfg.data.loader,
+                              device=settings.device, num_workers=cfg.data.workers, seed=cfg.run.seed,
+                              on_bad_image="error", verify=cfg.data.verify)
+        for images, _, indices in loader:
+            yield 0, images, mine[indices.cpu().numpy()]
+        return
+
+    from torch.utils.data import DataLoader
+
+    from .data.torch_pipeline import ImageFileDataset, worker_context
+
+    batches = []
+    for c in chunks:
+        start, end = spans[c]
+        for v in range(manifest["views"]):
+            for b in range(start, end, batch_size):
+                batches.append([(i, sample_seed(cfg.run.seed, v, i, 3)) for i in range(b, min(end, b + batch_size))])
+    views = [v for c in chunks for v in range(manifest["views"])
+             for _ in range(0, spans[c][1] - spans[c][0], batch_size)]
+    config = LoaderConfig(batch_size=batch_size, train=True, image_size=cfg.model.image_size,
+                          device=torch.device("cpu"), num_workers=cfg.data.workers, shard_id=0, num_shards=1,
+                          seed=cfg.run.seed, dtype=torch.float32, crop_scale=cfg.data.crop_scale,
+                          crop_ratio=cfg.data.crop_ratio, prefetch=2)
+    workers = cfg.data.workers
+    loader = DataLoader(ImageFileDataset(list(dataset.image_paths), config), batch_sampler=batches,
+                        num_workers=workers, collate_fn=_keep, pin_memory=settings.device.type == "cuda",
+                        prefetch_factor=2 if workers else None,
+                        multiprocessing_context=worker_context() if workers else None)
+    for view, items in zip(views, loader):
+        bad = [(index, problem) for _, index, problem in items if problem is not None]
+        if bad:
+            raise BadImageError(dataset.image_paths[bad[0][0]], bad[0][1],
+                                others=[(dataset.image_paths[i], p) for i, p in bad[1:]])
+        images = torch.stack([image for image, _, _ in items]).to(settings.device, non_blocking=True)
+        yield view, normalize(images), np.array([index for _, index, _ in items])
 
 
 def _tmp(path: Path) -> Path:
@@ -504,7 +529,7 @@ class FeatureLoader:
             need = sum(x.nbytes for x in (*self.a, *self.fc))
             if need <= torch.cuda.mem_get_info(device)[0] // 2:
                 self._on_device = tuple(
-                    torch.cat([self._tensor(np.asarray(x)).to(device) for x in shards], dim=1)
+                    torch.cat([self._tensor(np.array(x)).to(device) for x in shards], dim=1)
                     for shards in (self.a, self.fc))
 
     def __len__(self) -> int:

@@ -299,3 +299,18 @@ def test_two_process_gloo_writes_and_reads_the_shards(setup, caches, tmp_path):
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["steps"] == 96 // 2 // 8
     assert summary["final"]["num_images"] == 40 and summary["final"]["duplicates"] == 0
+
+
+def test_the_dali_loader_writes_the_evaluation_view(setup, caches, tmp_path):
+    """data.loader=dali (the default; CPU operators here, nvJPEG on a GPU) reads the evaluation view:
+    the same images up to the two resizers' rounding, so features close to the torch cache's."""
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed")
+    root, weights = setup
+    cfg = load_config(None, overrides(root, weights, **{"data.loader": "dali", "data.workers": 2}))
+    out = tmp_path / "dali"
+    assert cache_features(cfg, out, dtype="fp32", shard_size=32, progress=False)["shards_written"] == 5
+    assert json.loads((out / "manifest.json").read_text())["compute"]["loader"] == "dali"
+    dali, ref = FeatureStore(out).open_split("test"), FeatureStore(caches["fp32"]).open_split("test")
+    for got, want in zip(dali[0] + dali[1], ref[0] + ref[1]):
+        assert np.abs(got - want).mean() <= 0.05 * np.abs(want).mean()
+    assert cache_features(cfg, out, dtype="fp32", shard_size=32, progress=False)["shards_written"] == 0
