@@ -314,3 +314,16 @@ def test_the_dali_loader_writes_the_evaluation_view(setup, caches, tmp_path):
     for got, want in zip(dali[0] + dali[1], ref[0] + ref[1]):
         assert np.abs(got - want).mean() <= 0.05 * np.abs(want).mean()
     assert cache_features(cfg, out, dtype="fp32", shard_size=32, progress=False)["shards_written"] == 0
+
+
+def test_a_run_from_a_cache_resumes(setup, caches, tmp_path):
+    """--resume continues a cached run from its checkpoint (the loader's epochs follow the run's)."""
+    root, weights = setup
+    out = tmp_path / "run"
+    args = overrides(root, weights, out, **{"data.features": caches["fp16"]})
+    first = train(load_config(None, args))
+    assert first["steps"] == 96 // 16
+    summary = train(load_config(None, [*args, "optim.epochs=2"]), resume=True)
+    assert summary["steps"] == 2 * (96 // 16) and summary["epochs"] == 2
+    epochs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [0, 1]
