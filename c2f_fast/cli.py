@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"images per shard file (default {DEFAULT_SHARD_SIZE}; a multiple of the batch size)")
     cache.add_argument("--batch-size", type=int, default=None, metavar="N",
                        help="images per encoder batch (default: data.eval_batch_size or data.batch_size)")
-    cache.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.pretrained=imagenet")
+    cache.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides, e.g. model.pretrained=imagenet")
     cache.set_defaults(func=_cmd_cache_features)
 
     from c2f_fast.export import add_export_arguments

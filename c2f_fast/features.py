@@ -308,7 +308,8 @@ def _prepare_folder(out: Path, manifest: dict, missing: dict, shard_size: int, s
     print(f"feature cache {out}: {_gib(sum(need.values()))} in all (train {_gib(need['train'])}, test "
           f"{_gib(need['test'])}; {manifest['dtype']}), {_gib(left)} still to write, {_gib(free)} free")
     if left > free:
-        return f"{out}: {_gib(left)} to write but only {_gib(free)} free on that disk; free some space or choose another --out"
+        return (f"{out}: {_gib(left)} to write but only {_gib(free)} free on that disk; free some space or "
+                f"choose another --out")
     for split in SPLITS:  # temporary files of a run that was killed
         (out / split).mkdir(exist_ok=True)
         for tmp in (out / split).glob(".*.tmp"):
@@ -344,9 +345,10 @@ def _write_split(out: Path, split: str, dataset, chunks: list[int], manifest: di
             with settings.autocast():
                 a, fc = encoder(x)
             if c not in open_files:
+                shapes = _shard_shapes(manifest, split, len(range(*spans[c])))
                 open_files[c] = tuple(
                     (path, _tmp(path), np.lib.format.open_memmap(_tmp(path), mode="w+", dtype=file_dtype, shape=shape))
-                    for path, shape in zip(shard_paths(out, split, c), _shard_shapes(manifest, split, len(range(*spans[c])))))
+                    for path, shape in zip(shard_paths(out, split, c), shapes))
             for (path, _, array), value in zip(open_files[c], (a, fc)):
                 array[view, row:row + n] = _to_numpy(value, store_dtype, path)
             bar.update(n)

@@ -328,7 +328,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
     train_step = TrainStep(net, model, optimizer, scaler, class_order, cfg, settings)
     peak = _peak_flops(settings.device)
     flops_per_image = (training_flops_per_image(model, model_cfg.image_size, settings.device,
-                                                cfg.optim.feed == "teacher") if peak and not cfg.data.features else None)
+                                                cfg.optim.feed == "teacher")
+                       if peak and not cfg.data.features else None)  # a cached run computes no encoder: no MFU
     pointing = pointing_for(test_set, model_cfg.image_size)
 
     runlog = RunLog(run_dir / LOG_FILE, info.is_main)

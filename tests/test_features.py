@@ -18,12 +18,12 @@ from c2f_fast import features as feat
 from c2f_fast.cli import main
 from c2f_fast.config import ConfigError, load_config
 from c2f_fast.data import build_loader, make_synthetic
+from c2f_fast.distributed import init_distributed
 from c2f_fast.encoders import TinyEncoder, build_encoder
 from c2f_fast.features import FeatureCacheError, FeatureLoader, FeatureStore, cache_features, weights_digest
 from c2f_fast.labels import class_frequency_order, label_sequences
 from c2f_fast.losses import c2f_loss
 from c2f_fast.runtime import load_datasets, resolve_settings
-from c2f_fast.distributed import init_distributed
 from c2f_fast.train import TrainStep, build_model, build_optimizer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +186,8 @@ def test_a_mismatched_cache_is_refused_naming_the_field(setup, caches, tmp_path)
     # end to end: c2f train names the field, exit status 2; no frozen encoder: refused too
     args = overrides(root, weights, tmp_path / "r1", **{"data.features": caches["fp32"], "model.image_size": 64})
     assert main(["train", *args]) == 2
-    args = overrides(root, weights, tmp_path / "r2", **{"data.features": caches["fp32"], "optim.freeze_encoder": "false"})
+    args = overrides(root, weights, tmp_path / "r2",
+                     **{"data.features": caches["fp32"], "optim.freeze_encoder": "false"})
     with pytest.raises(ConfigError, match="optim.freeze_encoder=true"):
         train(load_config(None, args))
 
@@ -262,20 +263,31 @@ def test_predict_and_eval_on_a_model_trained_from_a_cache(setup, caches, tmp_pat
 
 
 def test_views_train_and_ablate_on_one_cache(setup, tmp_path):
-    from c2f_fast.ablate import DEFAULT_CONFIG, run_ablation
+    """--views 3: three augmented views per training image; each epoch draws one of them per image.
+    c2f ablate --features trains its rows on that one cache."""
+    from c2f_fast.ablate import run_ablation
+    from c2f_fast.data.base import DEFAULT_CROP_RATIO, DEFAULT_CROP_SCALE
 
     root, weights = setup
-    cfg = load_config(DEFAULT_CONFIG, overrides(root, weights))  # the ablation's crop: views differ by their flips
+    crops = {"data.crop_scale": list(DEFAULT_CROP_SCALE), "data.crop_ratio": list(DEFAULT_CROP_RATIO)}
+    cfg = load_config(None, overrides(root, weights, **crops))
     cache = cache_features(cfg, tmp_path / "views", views=3, shard_size=32, progress=False)["out"]
     store = FeatureStore(cache)
     a, _ = store.open_split("train")
-    assert a[0].shape[0] == 3 and not np.array_equal(a[0][0], a[0][1])  # the views differ
+    assert a[0].shape[:2] == (3, 32)
     train_set, _ = load_datasets(cfg, init_distributed("cpu"))
     loader = FeatureLoader(store, "train", train_set, 16, True, torch.device("cpu"), torch.float32)
-    (first, _), _, idx = next(iter(loader))
-    (again, _), _, idx2 = next(iter(loader))  # the next epoch: another permutation, other views
-    assert not torch.equal(idx, idx2)
-    rows = run_ablation(None, overrides(root, weights, tmp_path / "abl"), rows=["vgg", "lstm_lg"], features=cache)
+    drawn = set()
+    for epoch in range(4):
+        (feats, _), _, idx = next(iter(loader))
+        for row, i in zip(feats, idx.tolist()):
+            c, r = divmod(i, 32)
+            match = [v for v in range(3) if torch.equal(row, torch.from_numpy(np.array(a[c][v, r])).float())]
+            assert match, f"epoch {epoch}: image {i} is none of its stored views"
+            drawn.update(match if len(match) == 1 else ())
+    assert drawn == {0, 1, 2}
+    rows = run_ablation(None, overrides(root, weights, tmp_path / "abl", **crops), rows=["vgg", "lstm_lg"],
+                        features=cache)
     assert [r["method"] for r in rows] == ["VGG", "VGG+LSTM+L/G"]
     assert all(r["metrics"]["num_images"] == 40 for r in rows)
     assert (tmp_path / "abl" / "ablation.md").is_file()
