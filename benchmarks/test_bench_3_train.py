@@ -95,10 +95,9 @@ FROZEN_MODES = ("features", "frozen_images", "full")
 @pytest.mark.parametrize("net", list(FROZEN_NETS_CPU))
 @pytest.mark.parametrize("mode", FROZEN_MODES)
 def test_train_frozen(benchmark, profile, tmp_path_factory, mode, net):
+    from benchmarks._data import random_feature_cache
     from c2f_fast.encoders import feature_map_size
     from c2f_fast.features import CachedEncoderNet, FeatureLoader
-
-    from benchmarks._data import random_feature_cache
 
     if profile.cuda:
         if net != "vgg16":
