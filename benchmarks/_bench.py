@@ -449,6 +449,8 @@ GOALS: list[Goal] = [
          "train/cpu_bf16_cl", 1.5, "train/ref_fp32_eager"),
     Goal("cpu", "compiled decoder fwd+bwd ≥ 1.5× eager", "ratio", "decoder/fwdbwd/ref_compiled", 1.5,
          "decoder/fwdbwd/ref_eager"),
+    Goal("cpu", "VGG-16 training step from cached features ≥ 50× the frozen-encoder image step", "ratio",
+         "train/features/vgg16", 50, "train/frozen_images/vgg16"),
 ]
 
 

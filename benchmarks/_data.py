@@ -161,3 +161,33 @@ class TvDecodeJpegLoader:
         else:
             crops = list(self.pool.map(self._augment, images, params))
         return normalize(torch.stack(crops).to(self.device, non_blocking=True))
+
+
+def random_feature_cache(folder: Path, num_images: int, L: int, D: int, F: int, num_classes: int,
+                         dtype: str = "fp16", shard_size: int = 1024, seed: int = 0):
+    """A feature cache (``c2f_fast.features``' layout and manifest) of random ReLU-like features for
+    ``num_images`` training images, without an encoder: ``(FeatureStore, MultiLabelSet)``. The
+    timed path (memory-mapped shards → rows → device) is the one a real cache takes."""
+    import json
+
+    from c2f_fast import features as feat
+    from c2f_fast.data import MultiLabelSet
+
+    rng = np.random.default_rng(seed)
+    file_dtype, torch_dtype = feat.DTYPES[dtype]
+    manifest = {"format": feat.FORMAT, "version": feat.FORMAT_VERSION, "dtype": dtype, "views": 0,
+                "shapes": {"L": L, "D": D, "F": F}, "shard_size": shard_size,
+                "splits": {"train": {"num_images": num_images, "views": 1}}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train").mkdir(exist_ok=True)
+    for c, start in enumerate(range(0, num_images, shard_size)):
+        rows = min(num_images, start + shard_size) - start
+        for path, shape in zip(feat.shard_paths(folder, "train", c), ((1, rows, L, D), (1, rows, F))):
+            values = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).relu_().to(torch_dtype)
+            array = values.view(torch.int16).numpy().view(np.uint16) if dtype == "bf16" else values.numpy()
+            np.save(path, array.astype(file_dtype, copy=False))
+    (folder / feat.MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    targets = (rng.random((num_images, num_classes)) < 0.15).astype(np.int8)
+    dataset = MultiLabelSet([f"image_{i}.jpg" for i in range(num_images)], targets,
+                            [f"class_{c}" for c in range(num_classes)])
+    return feat.FeatureStore(folder), dataset

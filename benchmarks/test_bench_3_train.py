@@ -85,3 +85,83 @@ def test_train_step(benchmark, profile, variant):
                                 "channels_last": settings.channels_last, "fast_kernels": settings.fast_kernels},
                    "tf32_conv": torch.backends.cudnn.allow_tf32, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32},
             **rounds)
+
+
+# ----------------------------------------------------------------------------- frozen encoder
+#: The frozen-encoder comparison: a decoder step from the feature cache against the same step from
+#: decoded images with the encoder frozen, and against the full (fine-tuning) step. name:
+#: (backbone, image size, batch, decoder-size overrides) on the CPU; on the GPU one net, the
+#: profile's (VGG-16, 224 px, B=256: L=196, D=512, bf16 compiled with the Triton decoder).
+FROZEN_NETS_CPU = {"vgg16": ("vgg16", 224, 8, []),
+                   "tiny": ("tiny", 128, 16, ["model.hidden=256", "model.embed=64", "model.attn=128"])}  # c2f ablate's
+FROZEN_MODES = ("features", "frozen_images", "full")
+
+
+@pytest.mark.parametrize("net", list(FROZEN_NETS_CPU))
+@pytest.mark.parametrize("mode", FROZEN_MODES)
+def test_train_frozen(benchmark, profile, tmp_path_factory, mode, net):
+    from benchmarks._data import random_feature_cache
+    from c2f_fast.encoders import feature_map_size
+    from c2f_fast.features import CachedEncoderNet, FeatureLoader
+
+    if profile.cuda:
+        if net != "vgg16":
+            pytest.skip("the GPU compares the profile's net only (VGG-16, 224 px, B=256)")
+        backbone, S, B, sizes = profile.backbone, profile.image_size, profile.train_batch, []
+        precision, compiled, channels_last, fast = VARIANTS["fast_bf16_compiled"]
+    else:
+        backbone, S, B, sizes = FROZEN_NETS_CPU[net]
+        precision, compiled, channels_last, fast = VARIANTS["ref_fp32_eager"]
+    C, dev = profile.C, profile.device
+    cfg = load_config(None, [
+        "model.variant=lstm_lg", f"model.backbone={backbone}", f"model.image_size={S}", f"model.steps={profile.T}",
+        f"data.batch_size={B}", f"run.precision={precision}", f"run.compile={str(compiled).lower()}",
+        f"run.channels_last={str(channels_last and mode != 'features').lower()}",
+        f"run.fast_kernels={str(fast).lower()}", f"run.device={dev.type}",
+        f"optim.freeze_encoder={str(mode != 'full').lower()}", *sizes,
+    ])
+    settings = engine.resolve_settings(cfg, dev)
+    torch.manual_seed(0)
+    model = engine.build_model(cfg, C, settings).train()
+    if mode != "full":
+        model.encoder.eval()
+    optimizer = engine.build_optimizer(model, cfg, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=settings.precision == "fp16")
+    side = feature_map_size(backbone, S)
+    L, D, F = side * side, model.feat_dim, model.fc_dim
+    if mode == "features":
+        cache = tmp_path_factory.mktemp(f"features-{net}")
+        store, dataset = random_feature_cache(cache, 8 * B, L, D, F, C, dtype="bf16" if profile.cuda else "fp16")
+        loader = FeatureLoader(store, "train", dataset, B, True, dev, settings.amp_dtype or torch.float32)
+        step = engine.TrainStep(CachedEncoderNet(model), model, optimizer, scaler,
+                                class_frequency_order(torch.from_numpy(dataset.targets)), cfg, settings)
+
+        def batches():
+            while True:
+                yield from loader
+
+        stream = batches()
+
+        def call():
+            inputs, targets, _ = next(stream)  # the cache's read is part of the step
+            return step(inputs, targets)[0]
+    else:
+        targets = random_targets(B, C, dev)
+        step = engine.TrainStep(model, model, optimizer, scaler, class_frequency_order(targets), cfg, settings)
+        images = torch.randn(B, 3, S, S, device=dev)
+
+        def call():
+            return step(images, targets)[0]
+
+    case = f"train/{mode}/{net}"
+    baselines = {"features": (f"train/frozen_images/{net}", f"train/full/{net}"),
+                 "frozen_images": (f"train/full/{net}",), "full": ()}[mode]
+    slow = mode != "features" and (backbone.startswith("vgg") or profile.cuda)
+    rounds = dict(rounds=3, warmup=0, prewarm=1) if slow and not profile.cuda else dict(rounds=8, warmup=1, prewarm=3)
+    measure(benchmark, profile, call, case=case, group="frozen encoder: training step",
+            sizes=sizes_str(backbone=backbone, S=S, B=B, L=L, D=D, F=F, T=profile.T, C=C, prec=precision),
+            baselines=baselines, items=B,
+            extra={"mode": mode, "settings": {"precision": settings.precision, "compile": settings.compile,
+                                              "channels_last": settings.channels_last,
+                                              "fast_kernels": settings.fast_kernels}},
+            **rounds)

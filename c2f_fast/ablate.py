@@ -65,9 +65,12 @@ def ablation_markdown(rows: list[dict]) -> str:
 
 
 def run_ablation(config: Optional[str | Path] = None, overrides: list[str] = (),
-                 rows: Optional[list[str]] = None) -> list[dict]:
+                 rows: Optional[list[str]] = None, features: Optional[str | Path] = None) -> list[dict]:
     """Train every row (or those named in ``rows``, by folder name) and write
-    ``run.out/ablation.{json,md}``. Returns one dict per row: method, metrics, seconds, run."""
+    ``run.out/ablation.{json,md}``. Returns one dict per row: method, metrics, seconds, run.
+    ``features``: every row trains on this feature cache, its encoder frozen (``data.features``)."""
+    if features is not None:
+        overrides = [*overrides, f"data.features={features}", "optim.freeze_encoder=true"]
     base = load_config(config if config is not None else DEFAULT_CONFIG, overrides)
     out = Path(base.run.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -75,8 +75,21 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from c2f_fast.ablate import ablation_markdown, run_ablation
 
-    rows = run_ablation(args.config, args.overrides, rows=args.rows)
+    rows = run_ablation(args.config, args.overrides, rows=args.rows, features=args.features)
     print(ablation_markdown(rows))
+    return 0
+
+
+def _cmd_cache_features(args: argparse.Namespace) -> int:
+    from c2f_fast.config import load_config
+    from c2f_fast.features import cache_features
+
+    cfg = load_config(args.config, args.overrides)
+    summary = cache_features(cfg, args.out, views=args.views, dtype=args.dtype, shard_size=args.shard_size,
+                             batch_size=args.batch_size, progress=cfg.run.progress)
+    print(f"wrote {summary['shards_written']} shard(s) to {summary['out']} in {summary['seconds']:.1f} s "
+          f"({summary['images']['train']} train x {max(1, args.views)} view(s), {summary['images']['test']} test); "
+          f"train from it with: c2f train ... optim.freeze_encoder=true data.features={summary['out']}")
     return 0
 
 
@@ -197,8 +210,36 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in hard-set budget)")
     abl.add_argument("--rows", nargs="+", choices=("vgg", "lstm", "lstm_l", "lstm_lg", "lstm_lg_mm"),
                      help="only these rows")
+    abl.add_argument("--features", type=Path, default=None, metavar="DIR",
+                     help="train every row on this feature cache (c2f cache-features), the encoder frozen")
     abl.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     abl.set_defaults(func=_cmd_ablate)
+
+    from c2f_fast.features import DEFAULT_DTYPE, DEFAULT_SHARD_SIZE, DTYPES
+
+    cache = sub.add_parser(
+        "cache-features", help="run the frozen encoder once over the train and test splits, for data.features",
+        description="Compute the encoder's outputs (a [N, L, D] and f_fc [N, F]) of the config's model over its "
+                    "train and test splits and store them as memory-mapped shards with a manifest. A rerun "
+                    "finishes a cache cut short. Train from it with c2f train ... optim.freeze_encoder=true "
+                    "data.features=DIR (docs/features.md: when a cache is valid).",
+        epilog="example:\n  c2f cache-features --config configs/voc07.yaml --out cache/voc07-vgg16\n"
+               "  c2f train --config configs/voc07.yaml optim.freeze_encoder=true data.features=cache/voc07-vgg16",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cache.add_argument("--config", type=Path, help="YAML config (its model and data sections)")
+    cache.add_argument("--out", type=Path, required=True, help="cache folder (new, or a cache to finish)")
+    cache.add_argument("--views", type=int, default=0, metavar="K",
+                       help="K augmented views per training image (random-resized crop + flip, fixed seeds); "
+                            "default 0: the evaluation view")
+    cache.add_argument("--dtype", choices=list(DTYPES), default=DEFAULT_DTYPE,
+                       help=f"storage precision (default {DEFAULT_DTYPE}; fp32: full precision, twice the disk)")
+    cache.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
+                       help=f"images per shard file (default {DEFAULT_SHARD_SIZE}; a multiple of the batch size)")
+    cache.add_argument("--batch-size", type=int, default=None, metavar="N",
+                       help="images per encoder batch (default: data.eval_batch_size or data.batch_size)")
+    cache.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides, e.g. model.pretrained=imagenet")
+    cache.set_defaults(func=_cmd_cache_features)
 
     from c2f_fast.export import add_export_arguments
     from c2f_fast.infer import add_predict_arguments

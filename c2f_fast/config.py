@@ -59,6 +59,9 @@ class DataConfig:
     workers: DALI threads or DataLoader worker processes; empty (null): from the CPU cores.
     batch_size: per process (GPU); eval_batch_size defaults to batch_size.
     limit_train, limit_test: use only the first N images (0: all); for smoke tests.
+    features: a feature cache written by ``c2f cache-features`` (empty: none). The run then
+        trains the decoder on the cached outputs of its frozen encoder instead of decoding images
+        (needs ``optim.freeze_encoder=true``; see docs/features.md).
     """
 
     format: str = "synthetic"
@@ -80,6 +83,7 @@ class DataConfig:
     verify: str = "header"
     limit_train: int = 0
     limit_test: int = 0
+    features: str = ""
 
 
 @dataclass

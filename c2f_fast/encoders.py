@@ -136,14 +136,41 @@ def _load_state_dict_file(path: str | os.PathLike, module: nn.Module, backbone: 
         raise ValueError(f"pretrained: {path} does not fit the {backbone} backbone: {exc}") from exc
 
 
-def build_encoder(backbone: str, pretrained: str | os.PathLike | None = None) -> nn.Module:
-    """Build an encoder; ``pretrained`` is None (random), "imagenet" or a path to a state dict.
+def is_trained_model(path: str | os.PathLike) -> bool:
+    """Whether ``pretrained`` names what ``c2f train`` wrote (a run folder, a model's
+    ``.safetensors`` or a training ``checkpoint.pt``) rather than a backbone's own state dict."""
+    path = Path(path)
+    return path.is_dir() or path.suffix == ".safetensors" or path.name == "checkpoint.pt"
 
-    A path holds the backbone's own state dict (torchvision's layout for the torchvision
-    backbones, ``TinyEncoder``'s for "tiny").
+
+def _load_trained_encoder(path: str | os.PathLike, enc: nn.Module, backbone: str) -> None:
+    """The encoder weights of a trained model (see :func:`is_trained_model`): a run folder's best
+    weights (else its final ones, else its checkpoint), or the file named."""
+    from .checkpoint import CheckpointError, load_model
+
+    try:
+        model, meta = load_model(path, which="best")
+    except CheckpointError as exc:
+        raise ValueError(f"pretrained: {exc}") from None
+    if meta["model"]["backbone"] != backbone:
+        raise ValueError(f"pretrained: {path} holds a model with the {meta['model']['backbone']!r} backbone, "
+                         f"not {backbone!r}")
+    enc.load_state_dict(model.encoder.state_dict(), strict=True)
+
+
+def build_encoder(backbone: str, pretrained: str | os.PathLike | None = None) -> nn.Module:
+    """Build an encoder; ``pretrained`` is None (random), "imagenet", a path to a state dict, or
+    a trained model (a run folder, its ``.safetensors`` or ``checkpoint.pt``: its encoder's weights).
+
+    A state-dict path holds the backbone's own state dict (torchvision's layout for the
+    torchvision backbones, ``TinyEncoder``'s for "tiny").
     """
     if backbone not in BACKBONES:
         raise ValueError(f"backbone: expected one of {BACKBONES}, got {backbone!r}")
+    if pretrained is not None and pretrained != "imagenet" and is_trained_model(pretrained):
+        enc = build_encoder(backbone, None)
+        _load_trained_encoder(pretrained, enc, backbone)
+        return enc
     if backbone == "tiny":
         enc = TinyEncoder()
         if pretrained == "imagenet":
@@ -176,4 +203,4 @@ def feature_map_size(backbone: str, image_size: int) -> int:
     return image_size // 16
 
 
-__all__ = ["BACKBONES", "build_encoder", "feature_map_size", "imagenet_state_dict"]
+__all__ = ["BACKBONES", "build_encoder", "feature_map_size", "imagenet_state_dict", "is_trained_model"]

@@ -33,7 +33,11 @@ class EvalOutput:
 
 
 def pad_batch(images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
-    """``images`` padded with zeros to ``batch_size`` rows; returns it and the real row count."""
+    """``images`` padded with zeros to ``batch_size`` rows; returns it and the real row count.
+    A tuple (a feature cache's ``(a, f_fc)``) has each of its tensors padded."""
+    if isinstance(images, tuple):
+        padded = tuple(pad_batch(t, batch_size)[0] for t in images)
+        return padded, images[0].shape[0]
     n = images.shape[0]
     if n >= batch_size:
         return images, n

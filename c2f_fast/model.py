@@ -55,7 +55,9 @@ class ModelConfig:
     steps: decoder steps T (static); forced to 1 for variant "vgg".
     hidden, embed, attn: LSTM hidden size H, label-embedding size E, attention MLP size A.
     pretrained: None (random init), "imagenet" (torchvision weights; never a silent fallback),
-        or a path to the backbone's state dict.
+        a path to the backbone's state dict, or a trained model (a run folder, its
+        ``.safetensors`` or ``checkpoint.pt``): that model's encoder, e.g. to train a decoder on
+        a frozen encoder that an earlier run trained.
     fast_kernels: use the Triton ops for attention and the LSTM step.
     """
 

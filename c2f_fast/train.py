@@ -294,7 +294,13 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
     class_order = class_frequency_order(train_set.targets)
     model = build_model(cfg, train_set.num_classes, settings)
     model_cfg = model.cfg
-    train_loader, test_loader = build_loaders(cfg, train_set, test_set, info, settings)
+    net: nn.Module = model  # what the step and the evaluation call: the model, or its decoder on cached features
+    if cfg.data.features:
+        from .features import feature_run
+
+        train_loader, test_loader, net, settings = feature_run(cfg, model, train_set, test_set, info, settings)
+    else:
+        train_loader, test_loader = build_loaders(cfg, train_set, test_set, info, settings)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg.optim.epochs
     warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
@@ -319,15 +325,15 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
         out.print(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step} of {total_steps}")
 
     # -- the compiled step, the autocast context and the DDP wrapper: set up once
-    net: nn.Module = model
+    eval_model = torch.compile(net) if settings.compile else net
     if info.enabled:
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[settings.device.index] if settings.device.type == "cuda" else None)
+            net, device_ids=[settings.device.index] if settings.device.type == "cuda" else None)
     train_step = TrainStep(net, model, optimizer, scaler, class_order, cfg, settings)
-    eval_model = torch.compile(model) if settings.compile else model
     peak = _peak_flops(settings.device)
     flops_per_image = (training_flops_per_image(model, model_cfg.image_size, settings.device,
-                                                cfg.optim.feed == "teacher") if peak else None)
+                                                cfg.optim.feed == "teacher")
+                       if peak and not cfg.data.features else None)  # a cached run computes no encoder: no MFU
     pointing = pointing_for(test_set, model_cfg.image_size)
 
     runlog = RunLog(run_dir / LOG_FILE, info.is_main)
@@ -335,8 +341,11 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
               f"({train_set.num_classes} classes), testing on {len(test_set)}; "
               f"{info.world_size} process(es), {steps_per_epoch} steps/epoch")
     out.print(f"settings: {settings.describe()}")
-    out.print(f"loader: {train_loader.backend} ({train_loader.reason}), {train_loader.config.num_workers} "
-              f"{'thread' if train_loader.backend == 'dali' else 'worker'}(s)")
+    if cfg.data.features:
+        out.print(f"loader: features (the encoder's cached outputs in {cfg.data.features})")
+    else:
+        out.print(f"loader: {train_loader.backend} ({train_loader.reason}), {train_loader.config.num_workers} "
+                  f"{'thread' if train_loader.backend == 'dali' else 'worker'}(s)")
 
     def save(tag: str) -> Path:
         """Every rank calls it; rank 0 writes."""
