@@ -48,6 +48,8 @@ def overrides(root, weights, out="unused", **extra):
         "data.format": "voc", "data.root": str(root), "data.batch_size": 16, "data.loader": "torch",
         "data.workers": 0, "optim.freeze_encoder": "true", "optim.lr": 3e-3, "optim.epochs": 1,
         "optim.warmup_epochs": 0, "run.out": str(out), "run.progress": "false", "run.log_every": 1,
+        # fp32 on every CPU: the equivalence below is stated in fp32 (auto picks bf16 on a bf16 CPU)
+        "run.precision": "fp32", "run.channels_last": "false",
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
