@@ -54,20 +54,22 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from c2f_fast.demo import run_demo, summary_text
 
-    summary = run_demo(args.out, args.overrides)
+    summary = run_demo(args.out, args.overrides, aligned=args.aligned)
     print(summary_text(summary))
     return 0
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from c2f_fast.checkpoint import load_model
-    from c2f_fast.visualize import attention_figure
+    from c2f_fast.visualize import attention_figure, boxes_from_run
 
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise CLIError(f"no such image file: {missing[0]}")
     model, meta = load_model(args.checkpoint, which=args.weights)
-    out = attention_figure(model, [str(p) for p in args.images], meta["class_names"], args.out)
+    images = [str(p) for p in args.images]
+    boxes = boxes_from_run(args.checkpoint, images)
+    out = attention_figure(model, images, meta["class_names"], args.out, boxes=boxes)
     print(f"wrote {out}")
     return 0
 
@@ -189,14 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build the demo synthetic set once (cached), train lstm_lg with the max-margin loss on the "
                     "tiny backbone through the training engine, evaluate it (metrics, pointing game) and draw "
                     "the attention maps. Writes everything under runs/demo/. Uses the GPU when there is one.")
-    demo.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo)")
+    demo.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo; runs/demo-aligned with --aligned)")
+    demo.add_argument("--aligned", action="store_true",
+                      help="with the decoder options that align each step's local attention with the class it "
+                           "emits (glimpse supervision + the fed token in the query; docs/model.md)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the demo's config")
     demo.set_defaults(func=_cmd_demo)
 
     vis = sub.add_parser("visualize", help="draw the attention maps of images (the paper's Fig. 3)",
                          description="For each image: the global attention and each decoder step's local "
                                      "attention, upsampled and laid over the image, with the class emitted at "
-                                     "each step and its probability.")
+                                     "each step and its probability. When the checkpoint is in a run folder whose "
+                                     "test split has boxes for an image, each step's panel outlines the box of "
+                                     "the class that step emitted.")
     add_checkpoint_arguments(vis)
     vis.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     vis.add_argument("--out", type=Path, default=Path("attention.png"), help="PNG file (default attention.png)")

@@ -92,7 +92,10 @@ class OptimConfig:
     ``lr * backbone_lr_mult`` (pretrained backbones want a smaller one). The schedule is a linear
     warm-up over ``warmup_epochs`` then ``schedule`` ("cosine" down to ``lr * min_lr_ratio``, or
     "constant"). ``feed``: what the decoder is fed in training, "teacher" (the ground-truth label
-    sequence) or "greedy" (free-running: its own detached greedy choices)."""
+    sequence) or "greedy" (free-running: its own detached greedy choices). ``lambda3`` weights the
+    glimpse loss (needs ``model.glimpse_head``) and ``lambda4`` the coverage penalty (needs local
+    attention); both 0, the paper's objective, by default (docs/model.md, "Aligned local
+    attention")."""
 
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -110,6 +113,8 @@ class OptimConfig:
     eps: float = 0.1
     eps_v: float = 0.1
     feed: str = "teacher"
+    lambda3: float = 0.0
+    lambda4: float = 0.0
 
 
 @dataclass
@@ -185,7 +190,8 @@ _POSITIVE = {"data.batch_size", "data.eval_batch_size", "optim.epochs", "optim.l
              "run.log_every", "run.max_nonfinite"}
 _NON_NEGATIVE = {"data.workers", "data.limit_train", "data.limit_test", "optim.backbone_lr_mult",
                  "optim.momentum", "optim.weight_decay", "optim.warmup_epochs", "optim.min_lr_ratio",
-                 "optim.grad_clip", "optim.lambda1", "optim.lambda2", "optim.eps", "optim.eps_v",
+                 "optim.grad_clip", "optim.lambda1", "optim.lambda2", "optim.lambda3", "optim.lambda4",
+                 "optim.eps", "optim.eps_v",
                  "run.checkpoint_every"}
 
 
@@ -265,7 +271,18 @@ def config_from_dict(values: dict) -> TrainConfig:
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section (expected: {', '.join(_SECTIONS)})")
     hints = typing.get_type_hints(TrainConfig)
-    return TrainConfig(**{name: _build_section(name, hints[name], values.get(name) or {}) for name in _SECTIONS})
+    cfg = TrainConfig(**{name: _build_section(name, hints[name], values.get(name) or {}) for name in _SECTIONS})
+    _check_across_sections(cfg)
+    return cfg
+
+
+def _check_across_sections(cfg: TrainConfig) -> None:
+    """Loss terms that need a part of the model."""
+    if cfg.optim.lambda3 > 0 and not cfg.model.glimpse_head:
+        raise ConfigError(f"optim.lambda3: {cfg.optim.lambda3} weights the glimpse loss, which needs model.glimpse_head=true")
+    if cfg.optim.lambda4 > 0 and cfg.model.variant not in ("lstm_l", "lstm_lg"):
+        raise ConfigError(f"optim.lambda4: {cfg.optim.lambda4} weights the coverage penalty, which needs local attention "
+                          f"(model.variant lstm_l or lstm_lg), got {cfg.model.variant!r}")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -28,19 +28,27 @@ DEMO_CONFIG = {
     "run": {"out": "runs/demo", "log_every": 5},
 }
 
+#: ``c2f demo --aligned``: the demo with the decoder options that make each step's local attention
+#: look at the class the step emits (docs/model.md, "Aligned local attention"): glimpse supervision
+#: (weight 1) and the fed token in the attention query. Its own run folder.
+ALIGNED_OVERRIDES = ["model.glimpse_head=true", "model.query_token=true", "optim.lambda3=1.0",
+                     "run.out=runs/demo-aligned"]
+
 ATTENTION_FILE = "attention.png"
 NUM_FIGURE_IMAGES = 4
 
 
-def run_demo(out: Optional[str | Path] = None, overrides: list[str] = (), figure_images: int = NUM_FIGURE_IMAGES) -> dict:
+def run_demo(out: Optional[str | Path] = None, overrides: list[str] = (), figure_images: int = NUM_FIGURE_IMAGES,
+             aligned: bool = False) -> dict:
     """Train and evaluate the demo; returns the training summary plus ``wall_seconds`` and the
     paths written. A previous demo run in ``out`` is replaced (a folder that is not a run is
-    refused)."""
+    refused). ``aligned``: with ``ALIGNED_OVERRIDES`` (before ``overrides``, which win)."""
     from .runtime import CONFIG_FILE
     from .train import train
 
     t0 = time.perf_counter()
-    cfg = load_config(DEMO_CONFIG, [*([f"run.out={out}"] if out is not None else []), *overrides])
+    cfg = load_config(DEMO_CONFIG, [*(ALIGNED_OVERRIDES if aligned else []),
+                                    *([f"run.out={out}"] if out is not None else []), *overrides])
     run_dir = Path(cfg.run.out)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not (run_dir / CONFIG_FILE).is_file():
@@ -68,7 +76,8 @@ def write_attention_figure(run_dir: Path, num_images: int) -> Optional[Path]:
     _, test_set = load_datasets(cfg, info, train=False)
     paths = test_set.image_paths[:num_images]
     out = run_dir / ATTENTION_FILE
-    attention_figure(model, paths, meta["class_names"], out)
+    boxes = test_set.boxes[:num_images] if any(test_set.boxes[:num_images]) else None
+    attention_figure(model, paths, meta["class_names"], out, boxes=boxes)
     return out
 
 
@@ -95,4 +104,4 @@ def summary_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEMO_CONFIG", "run_demo", "summary_text", "write_attention_figure"]
+__all__ = ["ALIGNED_OVERRIDES", "DEMO_CONFIG", "run_demo", "summary_text", "write_attention_figure"]

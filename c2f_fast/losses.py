@@ -8,6 +8,11 @@ L = BCE + lambda1·R1 + lambda2·R2:
   teacher-forced target is j): hinge(max_{t != t_j} Q_tj − Q_{t_j j} + eps_v), summed over classes.
 R1 and R2 act on probabilities and are averaged over the images of the batch; an image (or class)
 with no positive or no negative entry contributes 0.
+
+Two opt-in terms for aligned local attention (docs/model.md, "Aligned local attention"), both 0
+by default: lambda3·G, G the softmax cross-entropy of the glimpse logits of step t against step
+t's teacher-forced target (the mean over the steps that have one); lambda4·V, V the coverage
+penalty Σ_i max(Σ_t β_ti − 1, 0)² per image (averaged over images).
 """
 
 from __future__ import annotations
@@ -66,6 +71,28 @@ def vertical_margin(
     return torch.where(responsible, hinge, torch.zeros_like(hinge)).sum(dim=1)
 
 
+def glimpse_loss(glimpse_logits: torch.Tensor, label_seq: torch.Tensor) -> torch.Tensor:
+    """G: softmax cross-entropy of step t's glimpse logits [B, T, C] against ``label_seq[:, t]``,
+    averaged over the (image, step) pairs with a target (PAD steps contribute nothing; 0 when
+    there is none)."""
+    B, T, C = glimpse_logits.shape
+    seq = label_seq[:, :T].long()
+    valid = seq >= 0
+    per_step = F.cross_entropy(glimpse_logits.reshape(B * T, C), seq.clamp(min=0).reshape(-1), reduction="none")
+    per_step = per_step.reshape(B, T) * valid.to(per_step.dtype)
+    return per_step.sum() / valid.sum().clamp(min=1).to(per_step.dtype)
+
+
+def coverage_penalty(local_attn: torch.Tensor) -> torch.Tensor:
+    """V per image [B] from the local attention [B, T, L]: Σ_i max(Σ_t β_ti − 1, 0)².
+
+    Show-Attend-Tell's doubly stochastic term is Σ_i (1 − Σ_t β_ti)²; with fewer steps than cells
+    (T = 5, L = 256 on the demo) its under-coverage half is smallest for uniform maps, so only the
+    over-coverage half is kept: it charges the steps for looking at the same cells."""
+    total = local_attn.sum(dim=1)
+    return torch.clamp(total - 1, min=0).pow(2).sum(dim=1)
+
+
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """BCE from logits, summed over the non-ignored classes, averaged over images."""
     mask = (targets >= 0).to(logits.dtype)
@@ -83,16 +110,21 @@ def c2f_loss(
     lambda2: float = 0.05,
     eps: float = 0.1,
     eps_v: float = 0.1,
+    lambda3: float = 0.0,
+    lambda4: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The joint objective. Returns ``(loss, {"bce", "r1", "r2"})`` (parts detached).
+    """The joint objective. Returns ``(loss, {"bce", "r1", "r2"})`` (parts detached), plus
+    ``"glimpse"`` when ``lambda3 > 0`` and ``"coverage"`` when ``lambda4 > 0``.
 
     ``label_seq`` ([B, T] class indices, PAD = -1) is the teacher-forced sequence the decoder
     was run with; without it R2 is 0. Set ``lambda1 = lambda2 = 0`` for the plain BCE of the
-    variants without "MM".
+    variants without "MM". ``lambda3`` weights the glimpse loss (needs ``output.glimpse_logits``
+    and ``label_seq``), ``lambda4`` the coverage penalty (needs ``output.local_attn``).
     """
     logits = output.logits
     _check_targets(targets, logits)
-    for name, value in (("lambda1", lambda1), ("lambda2", lambda2), ("eps", eps), ("eps_v", eps_v)):
+    for name, value in (("lambda1", lambda1), ("lambda2", lambda2), ("eps", eps), ("eps_v", eps_v),
+                        ("lambda3", lambda3), ("lambda4", lambda4)):
         if value < 0:
             raise ValueError(f"{name}: expected a non-negative number, got {value}")
     # at least fp32: bf16/fp16 logits are upcast, fp64 stays fp64
@@ -107,7 +139,22 @@ def c2f_loss(
     else:
         r2 = bce.new_zeros(())
     loss = bce + lambda1 * r1 + lambda2 * r2
-    return loss, {"bce": bce.detach(), "r1": r1.detach(), "r2": r2.detach()}
+    parts = {"bce": bce.detach(), "r1": r1.detach(), "r2": r2.detach()}
+    if lambda3 > 0:
+        if output.glimpse_logits is None:
+            raise ValueError("lambda3: the glimpse loss needs glimpse logits (ModelConfig.glimpse_head=True)")
+        if label_seq is None:
+            raise ValueError("lambda3: the glimpse loss needs the teacher-forced label_seq")
+        g = glimpse_loss(output.glimpse_logits.to(dtype), label_seq)
+        loss = loss + lambda3 * g
+        parts["glimpse"] = g.detach()
+    if lambda4 > 0:
+        if output.local_attn is None:
+            raise ValueError("lambda4: the coverage penalty needs local attention (variant lstm_l or lstm_lg)")
+        v = coverage_penalty(output.local_attn.to(dtype)).mean()
+        loss = loss + lambda4 * v
+        parts["coverage"] = v.detach()
+    return loss, parts
 
 
-__all__ = ["c2f_loss", "horizontal_margin", "vertical_margin", "masked_bce"]
+__all__ = ["c2f_loss", "coverage_penalty", "glimpse_loss", "horizontal_margin", "vertical_margin", "masked_bce"]

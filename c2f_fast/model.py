@@ -45,6 +45,10 @@ def checking_values() -> bool:
     return not torch.compiler.is_compiling() and _VALUE_CHECKS.get()
 
 
+#: The opt-in decoder options of ``ModelConfig`` (all off: the paper's model).
+ALIGNMENT_OPTIONS = ("glimpse_head", "query_token", "attend_after_update", "scaled_prior")
+
+
 @dataclass
 class ModelConfig:
     """Everything that fixes the model's shape.
@@ -59,6 +63,15 @@ class ModelConfig:
         ``.safetensors`` or ``checkpoint.pt``): that model's encoder, e.g. to train a decoder on
         a frozen encoder that an earlier run trained.
     fast_kernels: use the Triton ops for attention and the LSTM step.
+
+    Opt-in decoder options (off: the paper's model; docs/model.md, "Aligned local attention"):
+    glimpse_head: a linear layer on each step's glimpse Σ_i β_ti a_i giving class logits
+        (``C2FOutput.glimpse_logits``), trained by ``optim.lambda3`` against the step's target.
+    query_token: the local attention's query also sees the token fed at that step
+        (W_h h_{t-1} + W_y E y_t).
+    attend_after_update: Luong order: the LSTM step comes first (fed the previous context),
+        β_t is computed from h_t and the prediction sees [h_t; z_t; f_fc].
+    scaled_prior: Eq. 5's prior is L·α̂ instead of α̂ (a uniform global attention is prior 1).
     """
 
     variant: str = "lstm_lg"
@@ -71,6 +84,10 @@ class ModelConfig:
     image_size: int = 224
     pretrained: Optional[str] = None
     fast_kernels: bool = False
+    glimpse_head: bool = False
+    query_token: bool = False
+    attend_after_update: bool = False
+    scaled_prior: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -85,6 +102,14 @@ class ModelConfig:
             raise ValueError(f"pretrained: expected None, 'imagenet' or a path, got {self.pretrained!r}")
         if self.pretrained is not None:
             self.pretrained = os.fspath(self.pretrained)
+        for name in ALIGNMENT_OPTIONS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: expected true or false, got {value!r}")
+            if value and self.variant not in ("lstm_l", "lstm_lg"):
+                raise ValueError(f"{name}: needs local attention (variant lstm_l or lstm_lg), got variant {self.variant!r}")
+        if self.scaled_prior and self.variant != "lstm_lg":
+            raise ValueError(f"scaled_prior: scales the global attention's prior, so needs variant lstm_lg, got {self.variant!r}")
         if self.variant == "vgg":
             self.steps = 1
 
@@ -99,6 +124,7 @@ class C2FOutput(NamedTuple):
     step_logits: torch.Tensor  # [B, T, C]
     global_attn: Optional[torch.Tensor]  # [B, L] (alpha-hat) or None
     local_attn: Optional[torch.Tensor]  # [B, T, L] (beta) or None
+    glimpse_logits: Optional[torch.Tensor] = None  # [B, T, C] with ModelConfig.glimpse_head, else None
 
     @property
     def scores(self) -> torch.Tensor:
@@ -151,8 +177,11 @@ class LocalAttention(nn.Module):
         h: torch.Tensor,
         prior: Optional[torch.Tensor],
         fast: bool,
+        query_extra: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.query_proj(h)
+        if query_extra is not None:  # ModelConfig.query_token: W_y E y_t joins W_h h
+            q = q + query_extra
         if fast:
             import kernels
 
@@ -184,9 +213,14 @@ class C2FNet(nn.Module):
         self.start_token, self.pad_token = C, C + 1
         self.embedding = nn.Embedding(C + 2, cfg.embed)
         self.lstm = nn.LSTMCell(cfg.embed + D, H)
-        self.predict = nn.Linear(H + Fdim, C)  # p_t = sigmoid(W_p [h_t; f_fc] + b_p)
+        # p_t = sigmoid(W_p [h_t; f_fc] + b_p); attend_after_update: [h_t; z_t; f_fc]
+        self.predict = nn.Linear(H + (D if cfg.attend_after_update else 0) + Fdim, C)
         if cfg.variant in ("lstm_l", "lstm_lg"):
             self.local_attn = LocalAttention(D, H, cfg.attn)
+        if cfg.query_token:
+            self.token_query = nn.Linear(cfg.embed, cfg.attn, bias=False)  # W_y: fed token into the query
+        if cfg.glimpse_head:
+            self.glimpse_classify = nn.Linear(D, C)  # class logits of the glimpse Σ_i β_ti a_i
         if cfg.variant == "lstm_lg":
             self.global_attn = GlobalAttention(D)
             self.init_c = nn.Linear(D, H)  # I_c
@@ -250,21 +284,34 @@ class C2FNet(nn.Module):
         feats_proj = self.local_attn.feat_proj(feats) if local else None
         mean_feats = None if local else feats.mean(dim=1)
 
+        prior = alpha * L if (alpha is not None and cfg.scaled_prior) else alpha
+        after = cfg.attend_after_update
+        z = feats.new_zeros(B, D) if after else None  # the context fed to the first LSTM step
         token = torch.full((B,), self.start_token, dtype=torch.long, device=feats.device)
         # fed[b, k]: token k has been fed to image b's decoder (classes 0..C-1, then START, PAD)
         fed = torch.zeros(B, cfg.num_classes + 2, dtype=torch.bool, device=feats.device)
         fed[:, self.start_token] = True
         stopped = torch.zeros(B, dtype=torch.bool, device=feats.device)
-        step_logits, betas = [], []
+        step_logits, betas, glimpse_logits = [], [], []
         for t in range(T):
-            if local:
-                z, beta = self.local_attn(feats, feats_proj, h, alpha, fast)
+            emb = self.embedding(token)
+            query_extra = self.token_query(emb) if cfg.query_token else None
+            if after:  # Luong order: update with the previous context, then attend from h_t
+                h, c = self._lstm_step(torch.cat([emb, z], dim=1), h, c, fast)
+                z, beta = self.local_attn(feats, feats_proj, h, prior, fast, query_extra)
                 betas.append(beta)
+                logit = self.predict(torch.cat([h, z, f_fc], dim=1))
             else:
-                z = mean_feats
-            x = torch.cat([self.embedding(token), z], dim=1)
-            h, c = self._lstm_step(x, h, c, fast)
-            logit = self.predict(torch.cat([h, f_fc], dim=1))
+                if local:
+                    z, beta = self.local_attn(feats, feats_proj, h, prior, fast, query_extra)
+                    betas.append(beta)
+                else:
+                    z = mean_feats
+                h, c = self._lstm_step(torch.cat([emb, z], dim=1), h, c, fast)
+                logit = self.predict(torch.cat([h, f_fc], dim=1))
+            if cfg.glimpse_head:  # the glimpse without the prior: where the step looked, unscaled
+                glimpse = torch.einsum("bl,bld->bd", beta, feats)
+                glimpse_logits.append(self.glimpse_classify(glimpse))
             # No copying (docs/model.md, "Decoder"): a class already fed to the decoder scores
             # -inf at this step and every later one. Step 0 (fed START) is never masked.
             if t > 0:
@@ -286,6 +333,7 @@ class C2FNet(nn.Module):
             step_logits=step_logits_t,
             global_attn=alpha,
             local_attn=torch.stack(betas, dim=1) if local else None,
+            glimpse_logits=torch.stack(glimpse_logits, dim=1) if cfg.glimpse_head else None,
         )
 
     def _lstm_step(self, x, h, c, fast: bool):
@@ -310,4 +358,4 @@ def greedy_emissions(step_logits: torch.Tensor) -> torch.Tensor:
     return torch.where(stopped, torch.full_like(choice, PAD), choice)
 
 
-__all__ = ["C2FNet", "C2FOutput", "ModelConfig", "PAD", "VARIANTS", "greedy_emissions"]
+__all__ = ["ALIGNMENT_OPTIONS", "C2FNet", "C2FOutput", "ModelConfig", "PAD", "VARIANTS", "greedy_emissions"]

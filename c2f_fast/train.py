@@ -105,7 +105,7 @@ class TrainStep:
 
         def forward_loss(images, targets, seq):
             output = net(images, seq if teacher else None)
-            return c2f_loss(output, targets, seq, o.lambda1, o.lambda2, o.eps, o.eps_v)
+            return c2f_loss(output, targets, seq, o.lambda1, o.lambda2, o.eps, o.eps_v, o.lambda3, o.lambda4)
 
         self.forward_loss = torch.compile(forward_loss) if settings.compile else forward_loss
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .data.base import normalize, resize_whole
 from .model import PAD, greedy_emissions
-from .pointing import map_shape
+from .pointing import Box, map_shape, scale_boxes
 
 #: Size of one panel of ``attention_figure`` in pixels (DPI x inches).
 DPI = 100
@@ -98,13 +98,16 @@ def attention_figure(
     class_names: Sequence[str],
     out_path: Union[str, os.PathLike],
     image_size: Optional[int] = None,
+    boxes: Optional[Sequence[Sequence[Box]]] = None,
 ) -> Path:
     """Draw the attention of greedy decoding, one row per image (the paper's Fig. 3); return the path.
 
     Columns: the (resized) image, the global attention (variant ``lstm_lg`` only), then each
     decoder step's local attention (variants with local attention), each upsampled to the image and
     overlaid on it, titled with the class that step emitted and its probability ("—" after the
-    stop). ``images``: paths or uint8 tensors [3, H, W], preprocessed as in evaluation (resize to
+    stop). ``boxes`` (optional, per image ``(class, x1, y1, x2, y2)`` in the image's own pixels, as
+    ``MultiLabelSet.boxes``): each step's panel outlines the boxes of the class that step emitted,
+    so a map can be read against the object it should point at. ``images``: paths or uint8 tensors [3, H, W], preprocessed as in evaluation (resize to
     S x S, S = ``image_size`` or the model's ``cfg.image_size``; ImageNet normalisation). The model
     runs in eval mode without gradients (its training mode is restored afterwards). The PNG is
     ``CELL_W * columns`` x ``CELL_H * len(images)`` pixels.
@@ -115,7 +118,13 @@ def attention_figure(
     S = int(image_size or getattr(cfg, "image_size", 0) or 0)
     if S <= 0:
         raise ValueError("image_size: not given and the model has no cfg.image_size")
-    x, raw = preprocess(images, S)
+    if boxes is not None and len(boxes) != len(images):
+        raise ValueError(f"boxes: expected one list per image ({len(images)}), got {len(boxes)}")
+    loaded = [load_image(img) for img in images]
+    x, raw = preprocess(loaded, S)
+    # boxes in display pixels: scaled as evaluation scales them (whole-image resize to S x S)
+    shown_boxes = [scale_boxes(bx, (int(im.shape[2]), int(im.shape[1])), S) for bx, im in zip(boxes, loaded)] \
+        if boxes is not None else None
     param = next(model.parameters(), None)
     if param is not None:
         x = x.to(device=param.device, dtype=param.dtype if param.is_floating_point() else x.dtype)
@@ -165,6 +174,8 @@ def attention_figure(
             c = int(emitted[b, t])
             title = f"t={t + 1}: {class_names[c]} {float(probs[b, t, c]):.2f}" if c != PAD else f"t={t + 1}: —"
             ax.set_title(title, fontsize=8)
+            if shown_boxes is not None and c != PAD:
+                _outline_boxes(ax, [bx for bx in shown_boxes[b] if bx[0] == c])
         for ax in axes[b]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -172,6 +183,40 @@ def attention_figure(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=DPI, format="png")
     return out_path
+
+
+def boxes_from_run(checkpoint: Union[str, os.PathLike], images: Sequence[ImageLike]) -> Optional[list[list[Box]]]:
+    """The boxes of ``images`` from the test split of the run that ``checkpoint`` belongs to (a run
+    folder, or a file in one), matched by resolved path; an image not in that split gets none.
+    None when there is no run config, the split cannot be read, or no image has a box."""
+    import torch
+
+    from .config import ConfigError, load_config
+    from .distributed import DistInfo
+    from .runtime import CONFIG_FILE, load_datasets
+
+    path = Path(checkpoint)
+    run_dir = path if path.is_dir() else path.parent
+    if not (run_dir / CONFIG_FILE).is_file():
+        return None
+    try:
+        cfg = load_config(run_dir / CONFIG_FILE)
+        _, test_set = load_datasets(cfg, DistInfo(0, 1, 0, torch.device("cpu")), train=False)
+    except (ConfigError, OSError, ValueError):  # data moved or gone: the figure goes without boxes
+        return None
+    by_path = {Path(p).resolve(): bx for p, bx in zip(test_set.image_paths, test_set.boxes)}
+    found = [list(by_path.get(Path(img).resolve(), [])) if isinstance(img, (str, os.PathLike)) else []
+             for img in images]
+    return found if any(found) else None
+
+
+def _outline_boxes(ax, boxes: Sequence[Box]) -> None:
+    """White-on-black rectangles (visible on any colour of the map) for ``(class, x1, y1, x2, y2)``."""
+    from matplotlib.patches import Rectangle
+
+    for _, x1, y1, x2, y2 in boxes:
+        for color, width in (("black", 2.5), ("white", 1.2)):
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=width))
 
 
 def read_records(records: Union[str, os.PathLike, Iterable[dict]]) -> list[dict]:
@@ -267,4 +312,4 @@ def training_curves(records: Union[str, os.PathLike, Iterable[dict]], out_path: 
     return out_path
 
 
-__all__ = ["attention_figure", "training_curves", "read_records", "preprocess", "upsample_attention", "load_image"]
+__all__ = ["attention_figure", "boxes_from_run", "training_curves", "read_records", "preprocess", "upsample_attention", "load_image"]

@@ -79,3 +79,48 @@ def test_ablation_table_has_the_paper_columns(tiny_set, tmp_path):
     # VGG has no attention: its pointing cells are empty, the MM row's are numbers
     line_vgg, line_mm = [l for l in ablation_markdown(rows).splitlines() if l.startswith("| VGG")]
     assert "—" in line_vgg.split("|")[-3] and "—" not in line_mm.split("|")[-3]
+
+
+def test_demo_aligned_trains_the_aligned_options(tiny_set, tmp_path):
+    import yaml
+
+    out = tmp_path / "aligned"
+    summary = run_demo(out, [f"data.root={tiny_set}", *TINY], figure_images=1, aligned=True)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"]["glimpse_head"] and saved["model"]["query_token"]
+    assert saved["optim"]["lambda3"] == 1.0
+    assert saved["run"]["out"] == str(out)  # --out wins over the aligned default folder
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any("glimpse" in r for r in steps if r.get("kind") == "step")  # the loss term is logged
+    assert summary["final"]["pointing_local"] is not None
+
+
+def test_visualize_outlines_the_emitted_class_box(tiny_set, tmp_path):
+    import numpy as np
+    import torch
+
+    from c2f_fast.checkpoint import load_model
+    from c2f_fast.visualize import attention_figure, boxes_from_run
+
+    run = tmp_path / "run"
+    run_demo(run, [f"data.root={tiny_set}", *TINY], figure_images=1)
+    images = [str(tiny_set / "JPEGImages" / f"test_00000{i}.jpg") for i in range(2)]
+    boxes = boxes_from_run(run, images + [str(tmp_path / "elsewhere.jpg")])
+    assert boxes is not None and all(boxes[:2]) and boxes[2] == []
+    assert boxes_from_run(tmp_path, images) is None  # not a run folder
+    model, meta = load_model(run)
+    # a model that emits class c at step 1 whatever it sees: the panel must show c's box
+    c = boxes[0][0][0]
+    with torch.no_grad():
+        model.predict.weight.zero_()
+        model.predict.bias.fill_(-5.0)
+        model.predict.bias[c] = 5.0
+    plain = attention_figure(model, images[:1], meta["class_names"], tmp_path / "plain.png")
+    boxed = attention_figure(model, images[:1], meta["class_names"], tmp_path / "boxed.png", boxes=boxes[:1])
+    with Image.open(plain) as a, Image.open(boxed) as b:
+        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).sum(axis=2) > 0
+    # only the first step's panel (column 2: after the image and the global map) changes
+    cols = np.nonzero(diff.any(axis=0))[0]
+    assert len(cols) and cols.min() >= 2 * CELL_W and cols.max() < 3 * CELL_W
+    with pytest.raises(ValueError, match="boxes: expected one list per image"):
+        attention_figure(model, images[:1], meta["class_names"], tmp_path / "x.png", boxes=boxes)

@@ -49,7 +49,8 @@ def test_output_shapes(variant):
 def test_output_is_a_namedtuple_constructible_by_keyword():
     z = torch.zeros(2, 4)
     out = C2FOutput(logits=z, step_logits=z[:, None], global_attn=None, local_attn=None)
-    assert out._fields == ("logits", "step_logits", "global_attn", "local_attn")
+    assert out._fields == ("logits", "step_logits", "global_attn", "local_attn", "glimpse_logits")
+    assert out.glimpse_logits is None  # only with ModelConfig.glimpse_head
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
