@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -43,8 +45,13 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cuda", index)
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group when the environment says so; pick this process's device."""
+def init_distributed(device: str = "auto", timeout: Optional[float] = None) -> DistInfo:
+    """Join the torchrun process group when the environment says so; pick this process's device.
+
+    ``timeout`` (seconds; None: torch's default) bounds every collective and the group's set-up:
+    a peer that died or hangs then fails the others, torchrun's agent sees the failure and
+    restarts the group, instead of the survivors waiting forever (torch's default is 10-30 min).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,6 +59,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        if timeout is not None:
+            kwargs["timeout"] = timedelta(seconds=timeout)
         dist.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 

@@ -157,6 +157,7 @@ class ShardBatchSampler(Sampler[list[tuple[int, int]]]):
         self.config = config
         self.steps = steps
         self.epoch = 0
+        self.start_batch = 0  # batches of the epoch not to yield (already trained on, before a resume)
 
     def __len__(self) -> int:
         return self.steps
@@ -171,7 +172,7 @@ class ShardBatchSampler(Sampler[list[tuple[int, int]]]):
         mine = order[start:end]
         if c.train:
             mine = mine[: self.steps * c.batch_size]
-        for begin in range(0, len(mine), c.batch_size):
+        for begin in range(self.start_batch * c.batch_size, len(mine), c.batch_size):
             chunk = mine[begin : begin + c.batch_size]
             if c.train:
                 yield [(int(i), sample_seed(c.seed, self.epoch, int(i), 2)) for i in chunk]
@@ -211,6 +212,7 @@ class TorchLoader(ImageLoader):
     ) -> None:
         super().__init__(dataset, indices, config, report)
         self.epoch = 0
+        self._start_batch = 0
         self.sampler = ShardBatchSampler(self.indices, config, self._steps)
         workers = config.num_workers
         self.dataloader = DataLoader(
@@ -224,13 +226,16 @@ class TorchLoader(ImageLoader):
             multiprocessing_context=worker_context() if workers > 0 else None,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next ``iter()`` run epoch ``epoch`` (its shuffle and augmentation)."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next ``iter()`` run epoch ``epoch`` (its shuffle and augmentation) from batch
+        ``start_batch`` on: the batches before it are not read (a resume mid-epoch)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch: expected 0..{len(self)}, got {start_batch}")
+        self.epoch, self._start_batch = int(epoch), int(start_batch)
 
     def __iter__(self) -> Iterator[Batch]:
-        self.sampler.epoch = self.epoch
-        self.epoch += 1
+        self.sampler.epoch, self.sampler.start_batch = self.epoch, self._start_batch
+        self.epoch, self._start_batch = self.epoch + 1, 0
         return self._epoch()
 
     def _epoch(self) -> Iterator[Batch]:
