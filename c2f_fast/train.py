@@ -475,7 +475,7 @@ def _train(cfg: TrainConfig, mode: str, info: DistInfo) -> dict[str, Any]:
                 if state.step % cfg.run.log_every == 0 or i + 1 == steps_per_epoch:
                     now = time.perf_counter()
                     rate = (state.step - last_logged) * cfg.data.batch_size * info.world_size / max(now - t_last, 1e-9)
-                    record = {"kind": "step", "epoch": epoch, "step": state.step, "loss": loss.item(),
+                    record = {"kind": "step", "epoch": epoch, "step": state.step, "time": time.time(), "loss": loss.item(),
                               **{k: float(v) for k, v in parts.items()}, "lr": scheduler.get_last_lr()[0],
                               "images_per_s": rate, "data_wait": wait / max(now - t_last, 1e-9)}
                     if flops_per_image and peak:
