@@ -373,5 +373,7 @@ def _fix_numbers(values: Any) -> Any:
     return values
 
 
-__all__ = ["cache_dir", "config_differences", "data_root", "ConfigError", "RESUMABLE_CHANGES", "DataConfig", "OptimConfig", "RunConfig", "TrainConfig", "config_from_dict",
-           "load_config", "parse_override"]
+__all__ = [
+    "cache_dir", "config_differences", "data_root", "ConfigError", "RESUMABLE_CHANGES", "DataConfig",
+    "OptimConfig", "RunConfig", "TrainConfig", "config_from_dict", "load_config", "parse_override"
+]

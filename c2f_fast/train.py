@@ -269,7 +269,8 @@ def prepare_run_dir(cfg: TrainConfig, mode: str, info: DistInfo) -> tuple[Path, 
     return run_dir, saved
 
 
-def find_checkpoint(cfg: TrainConfig, mode: str, run_dir: Path, info: DistInfo) -> tuple[Optional[Path], Optional[dict]]:
+def find_checkpoint(cfg: TrainConfig, mode: str, run_dir: Path,
+                    info: DistInfo) -> tuple[Optional[Path], Optional[dict]]:
     """``(path, state)`` of the checkpoint a start with ``run.resume=mode`` continues, or
     ``(None, None)`` for a fresh start. Refuses (raises) a folder that holds a checkpoint under
     "never", a missing or damaged one under "must", and under "auto"/"must" a checkpoint of another
@@ -475,7 +476,8 @@ def _train(cfg: TrainConfig, mode: str, info: DistInfo) -> dict[str, Any]:
                 if state.step % cfg.run.log_every == 0 or i + 1 == steps_per_epoch:
                     now = time.perf_counter()
                     rate = (state.step - last_logged) * cfg.data.batch_size * info.world_size / max(now - t_last, 1e-9)
-                    record = {"kind": "step", "epoch": epoch, "step": state.step, "time": time.time(), "loss": loss.item(),
+                    record = {"kind": "step", "epoch": epoch, "step": state.step, "time": time.time(),
+                              "loss": loss.item(),
                               **{k: float(v) for k, v in parts.items()}, "lr": scheduler.get_last_lr()[0],
                               "images_per_s": rate, "data_wait": wait / max(now - t_last, 1e-9)}
                     if flops_per_image and peak:

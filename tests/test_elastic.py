@@ -235,6 +235,37 @@ def test_two_launchers_one_killed_and_relaunched(synth_root, tmp_path):
           f"{RELAUNCH_AFTER} s before the relaunch included)")
 
 
+HUNG_PEER = """
+import os, sys, time
+from c2f_fast.distributed import any_rank, init_distributed
+info = init_distributed("cpu", timeout=float(sys.argv[1]))
+if info.rank == 1:
+    time.sleep(120)  # hangs: never joins the collective
+try:
+    any_rank(info, False)
+except Exception as exc:
+    print("FAILED:", type(exc).__name__, str(exc).splitlines()[0][-120:], flush=True)
+    os._exit(1)
+print("no timeout", flush=True)
+"""
+
+
+def test_a_hung_peer_fails_the_collective_after_dist_timeout(tmp_path):
+    """run.dist_timeout reaches the process group: the rank waiting for a hung peer fails (and
+    torchrun would restart the group) instead of waiting torch's default 10-30 minutes. Measured
+    under torchrun (SIGSTOP of one worker, dist_timeout=10): the job restarted and completed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, "-c", HUNG_PEER, "3"], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        text = procs[0].communicate(timeout=100)[0]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 1 and "FAILED:" in text and "Timed out" in text, text
+
+
 # ----------------------------------------------------------------------------- run.resume=auto
 #: One process, 48 images at batch 8: 6 steps per epoch, a checkpoint every 2.
 IN_PROCESS = {"data.batch_size": 8, "data.limit_train": 48, "run.checkpoint_every": 2}
