@@ -334,12 +334,20 @@ def _share_checkpoint(info: DistInfo, source: Optional[Path], saved: Optional[di
     return saved
 
 
+def _record_step(line: str) -> float:
+    """A log line's step; infinite for a line cut short by the kill (dropped with the later ones)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
+
+
 def _trim_log(path: Path, step: int) -> None:
     """Drop the records of steps after ``step`` (done after the checkpoint, done again now)."""
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [line for line in lines if _record_step(line) <= step]
     if len(keep) != len(lines):
         ckpt.atomic_write(path, lambda f: f.write("".join(keep).encode("utf-8")))
 
