@@ -61,8 +61,28 @@ def init_distributed(device: str = "auto", timeout: Optional[float] = None) -> D
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         if timeout is not None:
             kwargs["timeout"] = timedelta(seconds=timeout)
+        store = _attempt_store(world, timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world)
         dist.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _attempt_store(world: int, timeout: Optional[float]):
+    """The torchrun agent's store under a prefix of this restart attempt, or None (torch's env://).
+
+    torchrun (2.14) keeps one store for all restarts of a group when it shares its rendezvous store
+    with the workers (``TORCHELASTIC_USE_AGENT_STORE=True``), and the process group's keys carry no
+    restart number: after a restart a rank can read the address its peer published in the previous
+    attempt, and the gloo/NCCL set-up fails ("Connection refused", "Connect timeout"; seen in 1 of 2
+    kill tests run side by side). A prefix per attempt keeps the attempts apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    wait = timedelta(seconds=timeout) if timeout is not None else timedelta(minutes=30)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=wait)
+    return dist.PrefixStore(f"c2f_fast/attempt_{attempt}/", store)
 
 
 def shutdown(info: DistInfo) -> None:
