@@ -3,9 +3,11 @@
 A run folder holds:
 
 - ``checkpoint.pt``: the whole training state (model, optimiser, schedule, grad scaler, RNG
-  states, epoch, step, history), written atomically: a temporary file in the same folder, fsync,
-  then ``os.replace``. The one it replaces is kept as ``checkpoint.prev.pt``, so a checkpoint that
-  is damaged later (a full disk, a copy cut short) still leaves one to resume from.
+  states, the loaders' positions, epoch, step, history), written atomically: a temporary file in the
+  same folder, fsync, then ``os.replace``. The one it replaces is kept as ``checkpoint.prev.pt``, so
+  a checkpoint that is damaged later (a full disk, a copy cut short) still leaves one to resume
+  from. Each carries a content hash (SHA-256 over every tensor's bytes and every value), checked on
+  load: a file that unpickles but was altered is refused like a truncated one.
 - ``model.safetensors`` (the final weights), ``best.safetensors`` (the epoch with the best test
   mAP) and ``model.json`` (model config, class names, class order, best epoch and mAP): what
   :func:`load_model` and the inference module read. No pickle is involved.
@@ -15,6 +17,7 @@ Loading never unpickles arbitrary objects: ``torch.load(..., weights_only=True)`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,7 +34,9 @@ FINAL_WEIGHTS = "model.safetensors"
 BEST_WEIGHTS = "best.safetensors"
 MODEL_JSON = "model.json"
 FORMAT = "c2f_fast-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: with the content hash "sha256"; version 1 files (no hash) still load
+_READABLE_VERSIONS = (1, 2)
+HASH_KEY = "sha256"
 
 
 class CheckpointError(RuntimeError):
@@ -73,10 +78,45 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
     run_dir = Path(run_dir)
     path = run_dir / CHECKPOINT
     state = {"format": FORMAT, "version": FORMAT_VERSION, **state}
+    state[HASH_KEY] = content_hash(state)
     if path.exists():  # keep the last good one aside before the new one replaces it
         _keep_previous(path, run_dir / PREVIOUS)
     atomic_write(path, lambda f: torch.save(state, f))
     return path
+
+
+def content_hash(state: Any) -> str:
+    """SHA-256 (hex) of a checkpoint's content: every tensor's dtype, shape and bytes, and every
+    other value, in the dict's order (which ``torch.load`` keeps)."""
+    digest = hashlib.sha256()
+    _feed(digest, state)
+    return digest.hexdigest()
+
+
+def _feed(digest, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)};".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)};".encode())
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, (bytes, bytearray)):
+        digest.update(f"B{len(value)};".encode())
+        digest.update(value)
+    elif isinstance(value, str):
+        data = value.encode("utf-8")
+        digest.update(f"S{len(data)};".encode())
+        digest.update(data)
+    else:  # int, float, bool, None: repr is exact
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
 
 
 def _keep_previous(path: Path, previous: Path) -> None:
@@ -117,9 +157,50 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a c2f_fast training checkpoint")
-    if state.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {state.get('version')}, expected {FORMAT_VERSION}")
+    if state.get("version") not in _READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: checkpoint format version {state.get('version')}, expected one of "
+                              f"{list(_READABLE_VERSIONS)}")
+    if state["version"] >= 2:
+        stored = state.pop(HASH_KEY, None)
+        if stored is None:
+            raise CheckpointError(f"{path}: no content hash (damaged, or not written by c2f_fast)")
+        computed = content_hash(state)
+        if computed != stored:
+            raise CheckpointError(f"{path}: bad content hash (stored {stored[:12]}..., computed {computed[:12]}...): "
+                                  f"the file was altered or damaged")
+        state[HASH_KEY] = stored
     return state
+
+
+def newest_valid_checkpoint(run_dir: str | os.PathLike) -> tuple[Optional[Path], Optional[dict], list]:
+    """``(path, state, damaged)``: the newest checkpoint of ``run_dir`` that loads and passes its
+    hash check (``checkpoint.pt``, else ``checkpoint.prev.pt``), or ``(None, None, damaged)``;
+    ``damaged`` lists ``(path, reason)`` of the newer ones that did not load."""
+    run_dir = Path(run_dir)
+    damaged = []
+    for name in (CHECKPOINT, PREVIOUS):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        try:
+            return path, load_checkpoint(path), damaged
+        except CheckpointError as exc:
+            damaged.append((path, str(exc)))
+    return None, None, damaged
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Rename a damaged file to ``NAME.damaged`` (``NAME.damaged.1``, ... when taken), so that it
+    is neither read again nor lost; returns the new path."""
+    path = Path(path)
+    target = path.with_name(f"{path.name}.damaged")
+    n = 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged.{n}")
+    os.replace(path, target)
+    _fsync_dir(path.parent)
+    return target
 
 
 def save_weights(path: str | os.PathLike, model: nn.Module) -> None:
@@ -216,6 +297,7 @@ def model_from_state(meta: dict, model_state: dict, source: Path, fast_kernels: 
     return model.eval()
 
 
-__all__ = ["CheckpointError", "add_checkpoint_arguments", "atomic_write", "load_checkpoint", "load_model", "model_from_state", "resolve_weights",
+__all__ = ["CheckpointError", "add_checkpoint_arguments", "atomic_write", "content_hash", "load_checkpoint",
+           "newest_valid_checkpoint", "set_aside", "load_model", "model_from_state", "resolve_weights",
            "save_checkpoint", "save_weights", "write_model_json", "CHECKPOINT", "PREVIOUS",
            "FINAL_WEIGHTS", "BEST_WEIGHTS", "MODEL_JSON", "WEIGHTS_CHOICES"]

@@ -110,7 +110,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.overrides = [*args.overrides, f"run.out={run_dir}"]
     cfg = load_config(config, args.overrides)
     try:
-        train(cfg, resume=args.resume is not None)
+        train(cfg, resume=True if args.resume is not None else None)  # else run.resume (default auto)
     except TrainingInterrupted as exc:
         print(f"c2f train: {exc}", file=sys.stderr)
         return 128 + int(exc.signum)
@@ -160,14 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train (and evaluate every epoch) from a YAML config",
         description="Train a model as the YAML config says, with dotted KEY=VALUE overrides "
                     "(e.g. optim.lr=1e-3 data.batch_size=64). Under torchrun --nproc_per_node N it "
-                    "trains with DistributedDataParallel.",
+                    "trains with DistributedDataParallel. A run.out that holds a checkpoint of the same config is "
+                    "continued (run.resume=auto, the default), so a restarted job (torchrun --max-restarts) "
+                    "picks up where it stopped.",
         epilog="examples:\n  c2f train --config configs/synthetic_small.yaml run.out=runs/try1\n"
                "  c2f train --resume runs/try1\n"
-               "  torchrun --nproc_per_node 8 -m c2f_fast.cli train --config configs/voc07.yaml",
+               "  torchrun --nproc_per_node 8 --max-restarts 3 -m c2f_fast.cli train --config configs/voc07.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", type=Path, help="YAML config (sections model, data, optim, run)")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
-                       help="continue from the checkpoint in run.out (or in RUN_DIR, with its config.yaml)")
+                       help="continue from the checkpoint in run.out (or in RUN_DIR, with its config.yaml); "
+                            "fail if there is none (run.resume=must)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
     train.set_defaults(func=_cmd_train)
 

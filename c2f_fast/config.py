@@ -36,6 +36,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 FEEDS = ("teacher", "greedy")
 DEVICES = ("auto", "cpu", "cuda")
 DIFFICULT = ("ignore", "positive", "negative")
+RESUME = ("auto", "never", "must")
 ON_BAD_IMAGE = _ON_BAD
 
 
@@ -122,7 +123,21 @@ class RunConfig:
     """Where the run goes and how it executes. None / "auto" are decided for the machine
     (``runtime.resolve_settings``): on CUDA, bf16, channels_last, compile and the fast kernels; on
     a CPU with bf16 units (AMX-BF16 or AVX512-BF16), bf16 and channels_last; on other CPUs, fp32.
-    Explicit values always win."""
+    Explicit values always win.
+
+    resume: what a start does with a checkpoint already in ``out``: "auto" (continue it when its
+        config is this one, refuse a changed config naming the keys; start fresh when there is
+        none; a damaged newest checkpoint falls back to the previous one), "never" (refuse a folder
+        that holds one) or "must" (continue it, fail without one; ``c2f train --resume``).
+    checkpoint_every: steps between checkpoints (0: only at the end of each epoch and on a signal);
+        under torchrun a restart loses at most this many steps.
+    dist_timeout: seconds a collective (all-reduce, barrier, gather) may wait for the other
+        processes before it fails, so that a dead or stuck peer ends the group and torchrun
+        restarts it; must exceed the longest one-sided work (rank 0 writing a checkpoint or
+        building the synthetic set).
+    progress_every: seconds between the plain progress lines printed when the output is not a
+        terminal (a log file, CI); a terminal gets the redrawn bar.
+    """
 
     out: str = "runs/default"
     seed: int = 0
@@ -135,7 +150,10 @@ class RunConfig:
     eval_every: int = 1
     log_every: int = 10
     progress: bool = True
+    progress_every: float = 30.0
     max_nonfinite: int = 20
+    resume: str = "auto"
+    dist_timeout: float = 600.0
 
 
 @dataclass
@@ -184,10 +202,10 @@ _CHOICES = {
     "data.on_bad_image": ON_BAD_IMAGE, "data.verify": _VERIFY,
     "data.preset": tuple(sorted(PRESETS)),
     "optim.optimizer": OPTIMIZERS, "optim.schedule": SCHEDULES, "optim.feed": FEEDS,
-    "run.device": DEVICES, "run.precision": PRECISIONS,
+    "run.device": DEVICES, "run.precision": PRECISIONS, "run.resume": RESUME,
 }
 _POSITIVE = {"data.batch_size", "data.eval_batch_size", "optim.epochs", "optim.lr", "run.eval_every",
-             "run.log_every", "run.max_nonfinite"}
+             "run.log_every", "run.max_nonfinite", "run.dist_timeout", "run.progress_every"}
 _NON_NEGATIVE = {"data.workers", "data.limit_train", "data.limit_test", "optim.backbone_lr_mult",
                  "optim.momentum", "optim.weight_decay", "optim.warmup_epochs", "optim.min_lr_ratio",
                  "optim.grad_clip", "optim.lambda1", "optim.lambda2", "optim.lambda3", "optim.lambda4",
@@ -342,6 +360,33 @@ def load_config(path: str | os.PathLike | dict | None = None, overrides: list[st
         raise ConfigError(f"{where}{exc}") from None
 
 
+#: Keys a continued run may change: how it executes and reports, not what it computes.
+RESUMABLE_CHANGES = frozenset({
+    "run.out", "run.resume", "run.dist_timeout", "run.progress", "run.progress_every", "run.log_every",
+    "run.checkpoint_every", "run.eval_every", "run.max_nonfinite", "data.workers", "data.verify",
+})
+
+
+def config_differences(saved: dict, current: TrainConfig) -> list[str]:
+    """The dotted keys whose values differ between a saved config dict (a checkpoint's) and
+    ``current``, leaving out :data:`RESUMABLE_CHANGES`; sorted. A key the saved config lacks (an
+    older version) counts with its default."""
+    try:
+        old = config_from_dict(saved).to_dict()
+    except ConfigError:  # a key that no longer exists: compare the plain values
+        old = _plain(saved)
+    new = current.to_dict()
+    keys = {f"{section}.{key}" for d in (old, new) for section, values in d.items()
+            if isinstance(values, dict) for key in values}
+    missing = object()
+
+    def value(d: dict, key: str):
+        section, name = key.split(".", 1)
+        return (d.get(section) or {}).get(name, missing)
+
+    return sorted(k for k in keys if k not in RESUMABLE_CHANGES and value(old, k) != value(new, k))
+
+
 def _fix_numbers(values: Any) -> Any:
     if isinstance(values, dict):
         return {k: _fix_numbers(v) for k, v in values.items()}
@@ -352,5 +397,7 @@ def _fix_numbers(values: Any) -> Any:
     return values
 
 
-__all__ = ["cache_dir", "data_root", "ConfigError", "DataConfig", "OptimConfig", "RunConfig", "TrainConfig", "config_from_dict",
-           "load_config", "parse_override"]
+__all__ = [
+    "cache_dir", "config_differences", "data_root", "ConfigError", "RESUMABLE_CHANGES", "DataConfig",
+    "OptimConfig", "RunConfig", "TrainConfig", "config_from_dict", "load_config", "parse_override"
+]

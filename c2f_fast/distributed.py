@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -43,8 +45,13 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cuda", index)
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group when the environment says so; pick this process's device."""
+def init_distributed(device: str = "auto", timeout: Optional[float] = None) -> DistInfo:
+    """Join the torchrun process group when the environment says so; pick this process's device.
+
+    ``timeout`` (seconds; None: torch's default) bounds every collective and the group's set-up:
+    a peer that died or hangs then fails the others, torchrun's agent sees the failure and
+    restarts the group, instead of the survivors waiting forever (torch's default is 10-30 min).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,8 +59,30 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        if timeout is not None:
+            kwargs["timeout"] = timedelta(seconds=timeout)
+        store = _attempt_store(world, timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world)
         dist.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _attempt_store(world: int, timeout: Optional[float]):
+    """The torchrun agent's store under a prefix of this restart attempt, or None (torch's env://).
+
+    torchrun (2.14) keeps one store for all restarts of a group when it shares its rendezvous store
+    with the workers (``TORCHELASTIC_USE_AGENT_STORE=True``), and the process group's keys carry no
+    restart number: after a restart a rank can read the address its peer published in the previous
+    attempt, and the gloo/NCCL set-up fails ("Connection refused", "Connect timeout"; seen in 1 of 2
+    kill tests run side by side). A prefix per attempt keeps the attempts apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    wait = timedelta(seconds=timeout) if timeout is not None else timedelta(minutes=30)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=wait)
+    return dist.PrefixStore(f"c2f_fast/attempt_{attempt}/", store)
 
 
 def shutdown(info: DistInfo) -> None:

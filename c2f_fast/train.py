@@ -17,6 +17,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -29,8 +30,9 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import TrainConfig
-from .distributed import DistInfo, all_gather_objects, any_rank, barrier, init_distributed, shutdown
+from .config import ConfigError, TrainConfig, config_differences
+from .distributed import (DistInfo, all_gather_objects, any_rank, barrier, broadcast_object, init_distributed,
+                          shutdown)
 from .evaluate import evaluate, pointing_for
 from .labels import class_frequency_order, label_sequences
 from .losses import c2f_loss
@@ -248,42 +250,134 @@ class RunState:
     history: list = field(default_factory=list)
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: bool, info: DistInfo) -> Path:
+def prepare_run_dir(cfg: TrainConfig, mode: str, info: DistInfo) -> tuple[Path, Optional[dict]]:
+    """``(run folder, the checkpoint to continue or None)``, the same on every rank.
+
+    Rank 0 decides (see :func:`find_checkpoint`) and writes ``config.yaml``; the other ranks load
+    the same file when they can see it (a shared file system) and its hash is rank 0's, else rank 0
+    sends them its copy: on several nodes without a shared ``run.out``, they all continue from rank
+    0's newest valid checkpoint.
+    """
     run_dir = Path(cfg.run.out)
+    saved = source = None
     if info.is_main:
-        if not resume and (run_dir / ckpt.CHECKPOINT).exists():
-            raise FileExistsError(
-                f"run.out: {run_dir} already holds a checkpoint; continue it with --resume, or choose "
-                f"another run.out=... (nothing was overwritten)")
-        if resume and not (run_dir / ckpt.CHECKPOINT).exists():
-            raise FileNotFoundError(f"--resume: no {ckpt.CHECKPOINT} in {run_dir}")
+        source, saved = find_checkpoint(cfg, mode, run_dir, info)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
+        if saved is None:
             (run_dir / LOG_FILE).unlink(missing_ok=True)
+        else:
+            _trim_log(run_dir / LOG_FILE, saved["run_state"]["step"])
         cfg.save(run_dir / CONFIG_FILE)
-    barrier(info)
-    return run_dir
+    if info.enabled:
+        saved = _share_checkpoint(info, source, saved)
+    return run_dir, saved
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+def find_checkpoint(cfg: TrainConfig, mode: str, run_dir: Path,
+                    info: DistInfo) -> tuple[Optional[Path], Optional[dict]]:
+    """``(path, state)`` of the checkpoint a start with ``run.resume=mode`` continues, or
+    ``(None, None)`` for a fresh start. Refuses (raises) a folder that holds a checkpoint under
+    "never", a missing or damaged one under "must", and under "auto"/"must" a checkpoint of another
+    config (naming the keys) or of another number of processes. Under "auto" a damaged newest
+    checkpoint is renamed aside with a warning naming it and the reason, and the previous one used."""
+    newest = run_dir / ckpt.CHECKPOINT
+    if mode == "never":
+        if newest.exists():
+            raise FileExistsError(
+                f"run.out: {run_dir} already holds a checkpoint and run.resume=never; continue it with "
+                f"run.resume=auto (or --resume), or choose another run.out=... (nothing was overwritten)")
+        return None, None
+    if mode == "must":
+        if not newest.exists():
+            raise FileNotFoundError(f"--resume / run.resume=must: no {ckpt.CHECKPOINT} in {run_dir}")
+        path, saved = newest, ckpt.load_checkpoint(newest)
+    else:
+        path, saved, damaged = ckpt.newest_valid_checkpoint(run_dir)
+        if saved is None and damaged:
+            raise ckpt.CheckpointError(
+                f"run.resume=auto: no readable checkpoint in {run_dir} (" + "; ".join(r for _, r in damaged)
+                + "); nothing was renamed or overwritten: move the files away to start afresh")
+        if saved is None:
+            return None, None
+        for bad, reason in damaged:
+            aside = ckpt.set_aside(bad)
+            warnings.warn(f"{reason}; continuing from {path.name} instead, the damaged file is kept as "
+                          f"{aside.name}", RuntimeWarning, stacklevel=2)
+    differ = config_differences(saved.get("config") or {}, cfg)
+    if differ:
+        old, new = saved.get("config") or {}, cfg.to_dict()
+        show = lambda d, k: (d.get(k.split(".")[0]) or {}).get(k.split(".")[1], "(unset)")  # noqa: E731
+        raise ConfigError(
+            f"run.out: {run_dir} holds a checkpoint of another config; these keys differ: "
+            + ", ".join(f"{k} ({show(old, k)!r} there, {show(new, k)!r} now)" for k in differ)
+            + ". Put the values back to continue it, or choose another run.out=... (nothing was overwritten)")
+    saved_world = saved.get("world_size", len(saved.get("rng", [None])))
+    if saved_world != info.world_size:
+        raise ValueError(
+            f"run.out: {path} was written by {saved_world} process(es), this start has {info.world_size}: the global "
+            f"batch, the steps per epoch and the sample order depend on it. Start {saved_world} process(es) "
+            f"(torchrun --nnodes/--nproc_per_node), or choose another run.out=...")
+    return path, saved
+
+
+def _share_checkpoint(info: DistInfo, source: Optional[Path], saved: Optional[dict]) -> Optional[dict]:
+    """Rank 0's checkpoint on every rank: read from ``source`` where that file is the same
+    (same content hash), else sent by rank 0."""
+    head = broadcast_object(info, None if saved is None else (str(source), saved.get(ckpt.HASH_KEY)))
+    if head is None:
+        return None
+    if not info.is_main:
+        try:
+            local = ckpt.load_checkpoint(head[0])
+            saved = local if local.get(ckpt.HASH_KEY) == head[1] else None
+        except ckpt.CheckpointError:
+            saved = None
+    if any(all_gather_objects(info, saved is None)):
+        received = broadcast_object(info, saved if info.is_main else None)
+        saved = saved if saved is not None else received
+    return saved
+
+
+def _record_step(line: str) -> float:
+    """A log line's step; infinite for a line cut short by the kill (dropped with the later ones)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` (done after the checkpoint, done again now)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = [line for line in lines if _record_step(line) <= step]
+    if len(keep) != len(lines):
+        ckpt.atomic_write(path, lambda f: f.write("".join(keep).encode("utf-8")))
+
+
+def train(cfg: TrainConfig, resume: Optional[bool] = None) -> dict[str, Any]:
     """Train and evaluate as ``cfg`` says; returns the final summary (also in ``metrics.json``).
 
     Writes to ``cfg.run.out``: ``config.yaml`` (resolved), ``log.jsonl`` (step and epoch
     records), ``checkpoint.pt`` (+ ``checkpoint.prev.pt``), ``best.safetensors``,
     ``model.safetensors``, ``model.json``, ``metrics.json`` and ``curves.png``.
-    ``resume=True`` continues from ``checkpoint.pt`` in that folder.
+    What happens to a checkpoint already in that folder is ``cfg.run.resume`` (default "auto":
+    continue it); ``resume=True`` / ``False`` overrides it with "must" / "never".
+    Under torchrun every (re)start of the group continues from rank 0's newest valid checkpoint.
     """
-    info = init_distributed(cfg.run.device)
+    mode = cfg.run.resume if resume is None else ("must" if resume else "never")
+    info = init_distributed(cfg.run.device, cfg.run.dist_timeout)
     try:
-        return _train(cfg, resume, info)
+        return _train(cfg, mode, info)
     finally:
         shutdown(info)
 
 
-def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
+def _train(cfg: TrainConfig, mode: str, info: DistInfo) -> dict[str, Any]:
     t_start = time.perf_counter()
     settings = resolve_settings(cfg, info.device)
-    run_dir = prepare_run_dir(cfg, resume, info)
+    run_dir, saved = prepare_run_dir(cfg, mode, info)
     torch.manual_seed(cfg.run.seed + info.rank)
     random.seed(cfg.run.seed + info.rank)
     np.random.seed((cfg.run.seed + info.rank) % 2**32)
@@ -312,17 +406,20 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
             "class_order": class_order.tolist(), "image_size": model_cfg.image_size}
     state = RunState()
 
-    if resume:
-        saved = ckpt.load_checkpoint(run_dir / ckpt.CHECKPOINT)
+    if saved is not None:
         if saved["meta"]["model"] != meta["model"]:
-            raise ValueError(f"--resume: the model config differs from the checkpoint's in {run_dir}")
+            raise ValueError(f"run.out: the model of the checkpoint in {run_dir} differs from this config's "
+                             f"(the data's classes changed?)")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-        _set_rng_state(saved["rng"][info.rank] if info.rank < len(saved["rng"]) else saved["rng"][0])
+        _set_rng_state(saved["rng"][info.rank])
+        train_loader.resume(saved.get("loader", [{}] * info.world_size)[info.rank])
         state = RunState(**saved["run_state"])
-        out.print(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step} of {total_steps}")
+        out.print(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step} of {total_steps} "
+                  f"({saved.get('tag', '?')} checkpoint)")
+        del saved  # the model and optimiser hold their own copies now
 
     # -- the compiled step, the autocast context and the DDP wrapper: set up once
     eval_model = torch.compile(net) if settings.compile else net
@@ -350,13 +447,14 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
     def save(tag: str) -> Path:
         """Every rank calls it; rank 0 writes."""
         rngs = all_gather_objects(info, _rng_state())  # a collective: every rank calls save()
+        loaders = all_gather_objects(info, train_loader.resume_state())  # each shard's reader position
         path = run_dir / ckpt.CHECKPOINT
         if info.is_main:
             ckpt.save_checkpoint(run_dir, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": rngs, "run_state": vars(state).copy(), "meta": meta,
-                "config": cfg.to_dict(), "tag": tag,
+                "rng": rngs, "loader": loaders, "world_size": info.world_size,
+                "run_state": vars(state).copy(), "meta": meta, "config": cfg.to_dict(), "tag": tag,
             })
         barrier(info)
         return path
@@ -366,8 +464,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
     with StopSignal() as stop:
         while state.epoch < cfg.optim.epochs:
             epoch = state.epoch
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
+            if hasattr(train_loader, "set_epoch"):  # the torch loader: any epoch, from any batch
+                train_loader.set_epoch(epoch, start_batch=state.epoch_step)
             model.train()
             if cfg.optim.freeze_encoder:
                 model.encoder.eval()
@@ -376,13 +474,12 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
             t_last = time.perf_counter()
             wait = 0.0
             losses = []
+            # Resumed mid-epoch, the loader starts at batch state.epoch_step: the batches before it
+            # were trained on and are not read again.
             batches = iter(train_loader)
-            for i in range(steps_per_epoch):
+            for i in range(state.epoch_step, steps_per_epoch):
                 t_wait = time.perf_counter()
                 images, targets, _ = next(batches)
-                if i < state.epoch_step:  # resumed mid-epoch: these batches were trained on
-                    t_last = time.perf_counter()  # the rate counts trained steps only
-                    continue
                 wait += time.perf_counter() - t_wait
                 loss, parts, finite = train_step(images, targets)
                 if finite:
@@ -402,7 +499,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
                 if state.step % cfg.run.log_every == 0 or i + 1 == steps_per_epoch:
                     now = time.perf_counter()
                     rate = (state.step - last_logged) * cfg.data.batch_size * info.world_size / max(now - t_last, 1e-9)
-                    record = {"kind": "step", "epoch": epoch, "step": state.step, "loss": loss.item(),
+                    record = {"kind": "step", "epoch": epoch, "step": state.step, "time": time.time(),
+                              "loss": loss.item(),
                               **{k: float(v) for k, v in parts.items()}, "lr": scheduler.get_last_lr()[0],
                               "images_per_s": rate, "data_wait": wait / max(now - t_last, 1e-9)}
                     if flops_per_image and peak:
@@ -505,11 +603,54 @@ class _Console:
             tqdm.write(text)
 
 
+class _PlainProgress:
+    """The progress bar for an output that is not a terminal (a log file, CI, ``nohup``): one plain
+    line every ``every`` seconds (and one at the end of the epoch) instead of a redraw per step."""
+
+    def __init__(self, desc: str, total: int, done: int, every: float, stream=None):
+        self.desc, self.total, self.n, self.every = desc, total, done, every
+        self.stream = stream if stream is not None else sys.stderr
+        self.postfix: dict = {}
+        self.t0 = self.t_line = time.monotonic()
+        self.start = done
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.t_line >= self.every:
+            self._line()
+
+    def _line(self) -> None:
+        self.t_line = now = time.monotonic()
+        rate = (self.n - self.start) / max(now - self.t0, 1e-9)
+        extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: step {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%), "
+              f"{rate:.2f} step/s{extra}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.n > self.start:
+            self._line()
+
+
 def _progress(cfg: TrainConfig, info: DistInfo, total: int, epoch: int, done: int):
+    """The epoch's progress: tqdm's redrawn bar on a terminal, plain timed lines otherwise."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="step",
-                disable=not (cfg.run.progress and info.is_main), leave=False, dynamic_ncols=True)
+    desc = f"epoch {epoch + 1}/{cfg.optim.epochs}"
+    enabled = cfg.run.progress and info.is_main
+    if enabled and not _is_terminal(sys.stderr):  # tqdm draws on stderr
+        return _PlainProgress(desc, total, done, cfg.run.progress_every)
+    return tqdm(total=total, initial=done, desc=desc, unit="step", disable=not enabled, leave=False,
+                dynamic_ncols=True)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 __all__ = ["train", "TrainStep", "build_model", "TrainingInterrupted", "NonFiniteLoss", "Settings", "resolve_settings", "format_table",

@@ -126,6 +126,23 @@ class ImageLoader(ABC):
     @abstractmethod
     def __iter__(self) -> Iterator[Batch]: ...
 
+    # Exact resume of a training loader (a checkpoint taken mid-epoch continues the same epoch
+    # order and augmentation). A loader whose order is a function of (seed, epoch, batch) has a
+    # ``set_epoch(epoch, start_batch=0)`` and keeps nothing here; one with hidden reader or random
+    # state (DALI) returns that state from ``resume_state`` and restores it in ``resume``. Either
+    # way the batches before the resume position are skipped without being read or decoded.
+    def resume_state(self) -> dict:
+        """What a checkpoint keeps to continue this loader where its consumer stands (after the
+        batches already handed out): ``{}`` unless the backend has hidden state."""
+        return {}
+
+    def resume(self, state: dict) -> None:
+        """Continue from ``state`` (``resume_state()`` of a loader over the same data, settings and
+        shard): the next ``iter()`` yields the rest of the epoch that state was taken in."""
+        if state:
+            raise ValueError(f"{type(self).__name__}: cannot resume from a {sorted(state)} loader state "
+                             f"(written by another loader backend?)")
+
     def _gather_targets(self, indices: torch.Tensor) -> torch.Tensor:
         return self._targets.index_select(0, indices.to(self._targets.device))
 

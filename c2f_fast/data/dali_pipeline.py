@@ -25,6 +25,12 @@ yields only the first ``(N // K) // B`` (full) batches and reads the rest of the
 yielding it, so the reader stays aligned with the epochs. (``LastBatchPolicy.DROP`` with padding
 does not: measured with DALI 2.4, the padded batch it does not read shows up in the next epoch as
 duplicates.)
+
+Exact resume: a training pipeline is built with DALI's checkpointing on, so
+:meth:`DaliLoader.resume_state` holds the reader's position and shuffle state and the random
+operators' states after the batches handed out; :meth:`DaliLoader.resume` rebuilds the pipeline from
+it, and the epoch goes on with the same order and the same crops and flips as without the
+interruption. The batches before that position are not read or decoded again.
 """
 
 from __future__ import annotations
@@ -48,8 +54,10 @@ log = logging.getLogger(__name__)
 _READER = "Reader"
 
 
-def build_pipeline(files: list[str], labels: list[int], config: LoaderConfig) -> Pipeline:
-    """The DALI pipeline for ``files`` (labelled with ``labels``) under ``config``.
+def build_pipeline(files: list[str], labels: list[int], config: LoaderConfig,
+                   checkpoint: bytes | None = None) -> Pipeline:
+    """The DALI pipeline for ``files`` (labelled with ``labels``) under ``config``; training
+    pipelines trace their state (DALI checkpointing), and start from ``checkpoint`` when given.
 
     On a CUDA ``config.device`` the JPEG decoding runs in nvJPEG (``device="mixed"``: Huffman
     decoding on the CPU or the hardware decoder, the rest on the GPU) and the resize and
@@ -86,6 +94,8 @@ def build_pipeline(files: list[str], labels: list[int], config: LoaderConfig) ->
         # is reproducible for a given (seed, shard).
         seed=sample_seed(config.seed, config.shard_id, 1) & 0x7FFFFFFF,
         prefetch_queue_depth=config.prefetch,
+        enable_checkpointing=config.train,
+        checkpoint=checkpoint,
     )
     with pipe:
         encoded, label = fn.readers.file(
@@ -141,7 +151,14 @@ class DaliLoader(ImageLoader):
     ) -> None:
         super().__init__(dataset, indices, config, report)
         self._files = [dataset.image_paths[i] for i in self.indices]
-        self.pipeline = build_pipeline(self._files, self.indices.tolist(), config)
+        self._build()
+        self._in_epoch = False  # an epoch was started and not read to its end
+        self._failed: BaseException | None = None
+        self._yielded = 0  # training batches of the current epoch handed out
+        self._resume_batch = 0  # where the next epoch starts (after a resume mid-epoch)
+
+    def _build(self, checkpoint: bytes | None = None) -> None:
+        self.pipeline = build_pipeline(self._files, self.indices.tolist(), self.config, checkpoint)
         # prepare_first_batch=False: nothing is decoded before the first batch is asked for.
         self._iterator = DALIGenericIterator(
             self.pipeline,
@@ -151,8 +168,19 @@ class DaliLoader(ImageLoader):
             auto_reset=True,
             prepare_first_batch=False,
         )
-        self._in_epoch = False  # an epoch was started and not read to its end
-        self._failed: BaseException | None = None
+
+    def resume_state(self) -> dict:
+        if not self.config.train:
+            return {}
+        return {"dali": self._iterator.checkpoints()[0], "batch": self._yielded}
+
+    def resume(self, state: dict) -> None:
+        if not self.config.train or "dali" not in state:
+            raise ValueError(f"DaliLoader.resume: expected a training loader's state with the DALI reader state, "
+                             f"got keys {sorted(state)} (a checkpoint of another loader or an older version?)")
+        del self._iterator, self.pipeline  # one pipeline at a time: its threads and buffers go first
+        self._build(state["dali"])
+        self._resume_batch, self._yielded, self._in_epoch = int(state["batch"]), 0, False
 
     def __iter__(self) -> Iterator[Batch]:
         if self._failed is not None:
@@ -162,16 +190,20 @@ class DaliLoader(ImageLoader):
             # DALI cannot restart an epoch midway: read the rest, so this epoch starts at its start.
             for _ in self._raw_batches():
                 pass
+            self._yielded = 0
         return self._epoch()
 
     def _epoch(self) -> Iterator[Batch]:
-        yielded = 0
+        yielded, self._resume_batch = self._resume_batch, 0  # after a resume: the batches already trained on
+        self._yielded = yielded
         for images, indices in self._raw_batches():
             if yielded < self._steps:
                 yielded += 1
+                self._yielded = yielded
                 targets = self._gather_targets(indices)
                 yield images, targets, indices.to(self.config.device, non_blocking=True)
             # else: training leftovers past the last full batch, read only to finish the epoch
+        self._yielded = 0
 
     def _raw_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The DALI iterator's batches of one epoch, empty ones dropped, as (images, int64 indices)."""
