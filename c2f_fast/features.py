@@ -537,19 +537,29 @@ class FeatureLoader:
     def __len__(self) -> int:
         return self._steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next ``iter()`` run epoch ``epoch`` from batch ``start_batch`` on (a resume
+        mid-epoch: the earlier batches are not read; the later ones are an uninterrupted epoch's)."""
+        if not 0 <= int(start_batch) <= self._steps:
+            raise ValueError(f"start_batch: expected 0 <= start_batch <= {self._steps}, got {start_batch!r}")
+        self.epoch, self._start_batch = int(epoch), int(start_batch)
+
+    def resume_state(self) -> dict:
+        return {}  # no hidden reader state: epoch and start batch say everything
+
+    def resume(self, state: dict) -> None:
+        pass
 
     def __iter__(self):
-        epoch = self.epoch
-        self.epoch += 1
-        return self._epoch(epoch)
+        epoch, start = self.epoch, getattr(self, "_start_batch", 0)
+        self.epoch, self._start_batch = self.epoch + 1, 0
+        return self._epoch(epoch, start)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
         return t.view(torch.bfloat16) if self.store_dtype == torch.bfloat16 else t
 
-    def _epoch(self, epoch: int):
+    def _epoch(self, epoch: int, start_batch: int = 0):
         from .data.base import sample_seed, shard_bounds
 
         n, B = len(self.dataset), self.batch_size
@@ -563,7 +573,7 @@ class FeatureLoader:
         views = np.zeros(n, dtype=np.int64)
         if self.train and self.views > 1:
             views = np.random.default_rng(sample_seed(self.seed, epoch, 1)).integers(self.views, size=n)
-        for b in range(0, len(mine), B):
+        for b in range(start_batch * B, len(mine), B):
             idx = mine[b:b + B]
             a, fc = self._rows(idx, views[idx])
             indices = torch.from_numpy(idx).to(self.device)

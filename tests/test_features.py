@@ -331,13 +331,24 @@ def test_the_dali_loader_writes_the_evaluation_view(setup, caches, tmp_path):
 
 
 def test_a_run_from_a_cache_resumes(setup, caches, tmp_path):
-    """--resume continues a cached run from its checkpoint (the loader's epochs follow the run's)."""
+    """A cached run continues from its end-of-epoch-1 checkpoint (the loader's epochs follow the
+    run's) and ends with the uninterrupted run's steps and weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
     root, weights = setup
     out = tmp_path / "run"
-    args = overrides(root, weights, out, **{"data.features": caches["fp16"]})
-    first = train(load_config(None, args))
-    assert first["steps"] == 96 // 16
-    summary = train(load_config(None, [*args, "optim.epochs=2"]), resume=True)
+    args = overrides(root, weights, out, **{"data.features": caches["fp16"], "optim.epochs": 2})
+    whole = train(load_config(None, args))
+    assert whole["steps"] == 2 * (96 // 16)
+    final = load_file(out / "model.safetensors")
+    # back to the state after epoch 1: its checkpoint is the previous one
+    shutil.copy(out / "checkpoint.prev.pt", out / "checkpoint.pt")
+    (out / "metrics.json").unlink()
+    summary = train(load_config(None, args), resume=True)
     assert summary["steps"] == 2 * (96 // 16) and summary["epochs"] == 2
     epochs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [0, 1]
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(again[k], final[k]) for k in final)
