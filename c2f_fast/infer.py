@@ -774,21 +774,31 @@ def weights_hash(model: nn.Module, class_names: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _rewrite_adjacent(module: nn.Module, rewrite) -> None:
+    """In place: for every pair of neighbours ``(a, b)`` in every ``nn.Sequential`` of ``module``,
+    ``rewrite(a, b)`` returns the pair's replacement ``(a', b')``, or None to keep it."""
+    for child in module.modules():
+        if not isinstance(child, nn.Sequential):
+            continue
+        names = list(child._modules)
+        for first, second in zip(names, names[1:]):
+            new = rewrite(child._modules[first], child._modules[second])
+            if new is not None:
+                child._modules[first], child._modules[second] = new
+
+
 def _fold_batchnorm(module: nn.Module) -> None:
     """In place: every eval-mode ``BatchNorm2d`` right after a ``Conv2d`` in an ``nn.Sequential``
     folded into the convolution's weights and bias (what ONNX Runtime and Inductor's freezing
     do); the norm becomes an ``Identity``. Same function, rounding changes in the last bits."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    for child in module.modules():
-        if not isinstance(child, nn.Sequential):
-            continue
-        names = list(child._modules)
-        for first, second in zip(names, names[1:]):
-            conv, norm = child._modules[first], child._modules[second]
-            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
-                child._modules[first] = fuse_conv_bn_eval(conv, norm)
-                child._modules[second] = nn.Identity()
+    def fold(conv, norm):
+        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
+            return fuse_conv_bn_eval(conv, norm), nn.Identity()
+        return None
+
+    _rewrite_adjacent(module, fold)
 
 
 class _MaxPool2x2(nn.Module):
@@ -807,17 +817,16 @@ def _pool_before_relu(module: nn.Module) -> None:
     """In place: in every ``nn.Sequential``, a ``ReLU`` followed by a 2x2/stride-2 ``MaxPool2d``
     becomes :class:`_MaxPool2x2` then the ``ReLU`` (they commute exactly: relu is monotonic), so the
     ReLU runs on a quarter of the elements."""
-    for child in module.modules():
-        if not isinstance(child, nn.Sequential):
-            continue
-        names = list(child._modules)
-        for first, second in zip(names, names[1:]):
-            relu, pool = child._modules[first], child._modules[second]
-            if (isinstance(relu, nn.ReLU) and isinstance(pool, nn.MaxPool2d)
-                    and _pair(pool.kernel_size) == (2, 2) and _pair(pool.stride or pool.kernel_size) == (2, 2)
-                    and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1)
-                    and not pool.ceil_mode and not pool.return_indices):
-                child._modules[first], child._modules[second] = _MaxPool2x2(), relu
+
+    def swap(relu, pool):
+        if (isinstance(relu, nn.ReLU) and isinstance(pool, nn.MaxPool2d)
+                and _pair(pool.kernel_size) == (2, 2) and _pair(pool.stride or pool.kernel_size) == (2, 2)
+                and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1)
+                and not pool.ceil_mode and not pool.return_indices):
+            return _MaxPool2x2(), relu
+        return None
+
+    _rewrite_adjacent(module, swap)
 
 
 def _pair(value: Any) -> tuple:
