@@ -48,10 +48,6 @@ def cpu_bf16_support() -> tuple[bool, str]:
     return False, f"no AMX-BF16 or AVX512-BF16 on this CPU (vector unit: {capability})"
 
 
-def cpu_has_fast_bf16() -> bool:
-    return cpu_bf16_support()[0]
-
-
 @dataclass(frozen=True)
 class Settings:
     """The "auto" choices of the config, resolved for this machine; ``reason`` says why, in one

@@ -274,8 +274,9 @@ class Crash(RuntimeError):
     pass
 
 
-def crash_at(monkeypatch, step):
-    """The run dies (an exception, like a killed process but in this one) before training ``step``."""
+def train_until_crash(monkeypatch, cfg_args, step):
+    """Train ``cfg_args`` until the run dies (an exception, like a killed process but in this
+    one) before training ``step``; the training step is the real one again afterwards."""
     real, count = TrainStep.__call__, {"n": 0}
 
     def call(self, images, targets):
@@ -284,8 +285,10 @@ def crash_at(monkeypatch, step):
             raise Crash(f"crash at step {step}")
         return real(self, images, targets)
 
-    monkeypatch.setattr(TrainStep, "__call__", call)
-    return real
+    with monkeypatch.context() as patched:
+        patched.setattr(TrainStep, "__call__", call)
+        with pytest.raises(Crash):
+            train(load_config(None, cfg_args))
 
 
 def damage(path, how):
@@ -305,10 +308,7 @@ def damage(path, how):
                                          ("bad_hash", "bad content hash")])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(synth_root, tmp_path, monkeypatch, how, reason):
     cfg_args = overrides(synth_root, tmp_path / "run", **IN_PROCESS)
-    real = crash_at(monkeypatch, 5)  # checkpoints at steps 2 and 4, then the crash
-    with pytest.raises(Crash):
-        train(load_config(None, cfg_args))
-    monkeypatch.setattr(TrainStep, "__call__", real)
+    train_until_crash(monkeypatch, cfg_args, 5)  # checkpoints at steps 2 and 4, then the crash
     run = tmp_path / "run"
     assert ckpt.load_checkpoint(run / ckpt.PREVIOUS)["run_state"]["step"] == 2
     damage(run / ckpt.CHECKPOINT, how)
@@ -326,10 +326,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(synth_root, tmp_pa
 
 def test_changed_config_is_refused_naming_the_keys(synth_root, tmp_path, monkeypatch):
     cfg_args = overrides(synth_root, tmp_path / "run", **IN_PROCESS)
-    real = crash_at(monkeypatch, 3)
-    with pytest.raises(Crash):
-        train(load_config(None, cfg_args))
-    monkeypatch.setattr(TrainStep, "__call__", real)
+    train_until_crash(monkeypatch, cfg_args, 3)
     before = (tmp_path / "run" / ckpt.CHECKPOINT).read_bytes()
     changed = load_config(None, [*cfg_args, "optim.lr=1e-2", "model.hidden=24", "run.log_every=5"])
     with pytest.raises(ConfigError, match=r"model\.hidden \(16 there, 24 now\), optim\.lr") as info:
@@ -346,10 +343,7 @@ def test_changed_config_is_refused_naming_the_keys(synth_root, tmp_path, monkeyp
 
 def test_auto_with_every_checkpoint_damaged_refuses_and_renames_nothing(synth_root, tmp_path, monkeypatch):
     cfg_args = overrides(synth_root, tmp_path / "run", **IN_PROCESS)
-    real = crash_at(monkeypatch, 5)
-    with pytest.raises(Crash):
-        train(load_config(None, cfg_args))
-    monkeypatch.setattr(TrainStep, "__call__", real)
+    train_until_crash(monkeypatch, cfg_args, 5)
     for name in (ckpt.CHECKPOINT, ckpt.PREVIOUS):
         damage(tmp_path / "run" / name, "truncated")
     with pytest.raises(ckpt.CheckpointError, match=r"no readable checkpoint.*checkpoint\.pt.*checkpoint\.prev\.pt"):

@@ -20,7 +20,7 @@ from c2f_fast.data.loaders import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig
 from c2f_fast.data.torch_pipeline import ImageFileDataset, decode_rgb
 from c2f_fast.infer import (BUCKET_TOLERANCE, C2FClassifier, Prediction, add_predict_arguments, bucket_sizes,
                              predict_command)
-from c2f_fast.runtime import cpu_has_fast_bf16
+from c2f_fast.runtime import cpu_bf16_support
 from c2f_fast.model import C2FNet, ModelConfig, greedy_emissions
 from conftest import requires_cuda
 
@@ -100,7 +100,7 @@ def test_defaults_and_attributes(run):
     assert clf.class_names == CLASSES
     assert clf.image_size == 64
     assert clf.device == torch.device("cpu")
-    assert clf.dtype == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    assert clf.dtype == (torch.bfloat16 if cpu_bf16_support()[0] else torch.float32)
     assert not clf.compiled and clf.optimize
     assert not clf.model.cfg.fast_kernels
     assert clf.batching == "buckets" and clf.buckets == [1, 2, 4, 8, 16, 32] and clf.model_batch == 32
