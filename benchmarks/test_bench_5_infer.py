@@ -99,7 +99,7 @@ def test_infer_vs_onnxruntime(benchmark, profile, checkpoint_dir, batch):
         sizes=sizes_str(backbone=profile.backbone, S=S, B=B, T=profile.T, C=profile.C, H=default.model.cfg.hidden,
                         threads=torch.get_num_threads()),
         baselines={name: base for name in cases if name != base[0]}, items=B,
-        rounds=40 if B == 1 else 8, prewarm=3 if B == 1 else 1,
+        rounds=200 if B == 1 else 16, prewarm=3 if B == 1 else 1,
         extra={f"{prefix}/default": {"backend": default.describe_backend(), "buckets": default.buckets},
                f"{prefix}/torch": {"backend": torch_backend.describe_backend(), "dtype": dtype(torch_backend)},
                f"{prefix}/torch_fp32_plain": {"model_batch": plain.model_batch},

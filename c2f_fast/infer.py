@@ -103,7 +103,7 @@ from torch import nn
 from .checkpoint import add_checkpoint_arguments
 from .data.base import normalize, resize_whole
 from .data.images import _JPEG_TAIL_WINDOW, BadImageError, sniff_format
-from .model import C2FNet, greedy_emissions
+from .model import C2FNet, LocalAttention, greedy_emissions
 from .runtime import cpu_bf16_support
 
 warnings.filterwarnings(
@@ -127,8 +127,9 @@ BATCHINGS = ("buckets", "strict")
 #: ONNX Runtime (the export check's bound); anything in bf16. tests/test_infer.py checks them.
 BUCKET_TOLERANCE = {"fp32": 1e-5, "onnxruntime": 1e-4, "bf16": 0.03}
 
-#: Changes when the torch runner's CPU rewrites change (stored timings are then measured again).
-_RUNNER_VERSION = 2
+#: Changes when a runner changes (the torch CPU rewrites, the ONNX Runtime sessions): stored
+#: timings are then measured again.
+_RUNNER_VERSION = 3
 
 #: What follows the stem in a cached ONNX file's name: the weights hash.
 _CACHE_NAME = re.compile(r"[0-9a-f]{16}\.onnx")
@@ -288,6 +289,7 @@ class C2FClassifier(nn.Module):
             runner_model = copy.deepcopy(self.model)
             _fold_batchnorm(runner_model)
             _pool_before_relu(runner_model)
+            _sigmoid_attention_scores(runner_model)
             runner_model = runner_model.to(memory_format=torch.channels_last)
         self.__dict__["_channels_last"] = self.optimize and cpu
         runner: Any = runner_model
@@ -540,7 +542,9 @@ class C2FClassifier(nn.Module):
         with torch.inference_mode(), self._autocast(), freezing:
             if self._cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            out = self._runner(chunk.contiguous(memory_format=layout))
+            # one copy into the runner's layout and dtype (autocast would cast a float32 input again)
+            dtype = self.dtype if self.device.type == "cpu" and self.optimize else chunk.dtype
+            out = self._runner(chunk.to(dtype=dtype, memory_format=layout))
             logits, step_logits = out.logits.float(), out.step_logits.float()
             return _rowwise_sigmoid(logits), greedy_emissions(step_logits)
 
@@ -807,7 +811,15 @@ class _MaxPool2x2(nn.Module):
     channels_last tensors with few channels (16-32 channels: one or two SIMD vectors a pixel)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2  # floor mode: an odd last row/column is dropped
+        N, C, H, W = x.shape
+        if H % 2 == 0 and W % 2 == 0 and x.is_contiguous(memory_format=torch.channels_last):
+            # channels_last memory is [N, H, W, C]: a row pair is two contiguous [W, C] blocks and a
+            # column pair two neighbouring C-vectors, so two maxima over contiguous halves (a
+            # further 1.2-1.6x over the strided phases)
+            rows = x.permute(0, 2, 3, 1).reshape(N, H // 2, 2, W // 2, 2 * C)
+            pairs = torch.maximum(rows[:, :, 0], rows[:, :, 1])
+            return torch.maximum(pairs[..., :C], pairs[..., C:]).permute(0, 3, 1, 2)
+        H, W = H // 2 * 2, W // 2 * 2  # floor mode: an odd last row/column is dropped
         x = x[..., :H, :W]
         return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
                              torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
@@ -829,16 +841,61 @@ def _pool_before_relu(module: nn.Module) -> None:
     _rewrite_adjacent(module, swap)
 
 
+class _SigmoidScoreAttention(LocalAttention):
+    """The local attention with its scores from ``sigmoid`` instead of ``tanh``: the same weights
+    β. ``tanh(u) = 2·sigmoid(2u) − 1``, so ``v · tanh(u) = 2v · sigmoid(2u) − Σv``; the constant
+    ``−Σv`` cancels in the softmax, and the factors 2 are folded into the weights once
+    (:func:`_sigmoid_attention_scores`). Why: torch's CPU ``tanh`` costs 2.7 ns an element in fp32
+    against 0.5 for ``sigmoid``, and this [B, L, A] map is the decoder's largest tensor, computed
+    at every step."""
+
+    def forward(self, feats, feats_proj, h, prior, fast, query_extra=None):
+        q = self.query_proj(h)
+        if query_extra is not None:
+            q = q + query_extra
+        s = torch.sigmoid(feats_proj + q.unsqueeze(1)) @ self.v
+        beta = torch.softmax(s, dim=1)
+        w = beta if prior is None else beta * prior
+        return torch.einsum("bl,bld->bd", w, feats), beta
+
+
+@torch.no_grad()
+def _sigmoid_attention_scores(model: nn.Module) -> None:
+    """In place: the local attention of ``model`` (a private copy) becomes
+    :class:`_SigmoidScoreAttention`, with W_a, b, W_h (and the fed token's W_y) doubled and v
+    doubled. Same function; the rounding changes in the last bits."""
+    attention = getattr(model, "local_attn", None)
+    if type(attention) is not LocalAttention or model.cfg.fast_kernels:  # the Triton op takes tanh's weights
+        return
+    attention.feat_proj.weight.mul_(2)
+    attention.feat_proj.bias.mul_(2)
+    attention.query_proj.weight.mul_(2)
+    attention.v.mul_(2)
+    if getattr(model, "token_query", None) is not None:
+        model.token_query.weight.mul_(2)
+    attention.__class__ = _SigmoidScoreAttention
+
+
 def _pair(value: Any) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 class _OrtRunner:
-    """An ONNX Runtime session of an exported model: ``(scores, emissions)`` torch tensors for a
-    normalised float32 batch. Intra-op threads: torch's thread count when it was built."""
+    """ONNX Runtime sessions of an exported model: ``(scores, emissions)`` torch tensors for a
+    normalised float32 batch. Intra-op threads: torch's thread count when it was built.
+
+    The graph is loaded once and tuned for the runtime before the sessions are made:
+    :func:`c2f_fast.export.matvec_as_matmul` (a no-op on files ``c2f export`` wrote; older or
+    foreign exports get it here), and one image, the latency case, runs a second session of the
+    graph with the batch fixed to 1, in which ONNX Runtime folds the decoder loop's shape
+    arithmetic (Shape, Expand, Concat, ...) into constants: about 3 % of a batch-1 call. Only
+    batch 1 gets one: each session holds its own copy of the weights."""
 
     def __init__(self, path: Path, clf: "C2FClassifier") -> None:
+        import onnx
         import onnxruntime as ort
+
+        from .export import matvec_as_matmul
 
         if not path.is_file():
             raise FileNotFoundError(f"onnx {path}: no such file")
@@ -847,7 +904,10 @@ class _OrtRunner:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            proto = onnx.load(str(path))
+            matvec_as_matmul(proto)
+            self.session = ort.InferenceSession(proto.SerializeToString(), options,
+                                                providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 -- name the file
             raise ValueError(f"onnx {path}: cannot load it with onnxruntime: {_first_line(err)}") from None
         meta = self.session.get_modelmeta().custom_metadata_map.get("c2f_fast")
@@ -859,10 +919,20 @@ class _OrtRunner:
                              f"classes at {meta.get('image_size')} px; this one has {clf.num_classes} "
                              f"at {clf.image_size} px)")
         self.threads = options.intra_op_num_threads
+        for value in [*proto.graph.input, *proto.graph.output]:
+            dim = value.type.tensor_type.shape.dim[0]
+            if dim.dim_param:
+                dim.Clear()
+                dim.dim_value = 1
+        del proto.graph.value_info[:]  # inferred again, now with the fixed batch
+        #: batch size -> its own session (batch 1); other sizes run ``session``
+        self.sessions = {1: ort.InferenceSession(proto.SerializeToString(), options,
+                                                 providers=["CPUExecutionProvider"])}
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        scores, emissions = self.session.run(["scores", "emissions"], {"images": x})
+        session = self.sessions.get(x.shape[0], self.session)
+        scores, emissions = session.run(["scores", "emissions"], {"images": x})
         return torch.from_numpy(scores), torch.from_numpy(emissions).long()
 
 

@@ -204,3 +204,66 @@ def test_given_onnx_file_is_loaded_and_checked(run, tmp_path):
         C2FClassifier.from_checkpoint(other, device="cpu", backend="onnxruntime", onnx=out)
     with pytest.raises(FileNotFoundError, match="nope.onnx"):
         C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", backend="onnxruntime", onnx=tmp_path / "nope.onnx")
+
+
+# ---------------------------------------------------------------- ONNX graph tuning
+
+
+@needs_onnx
+def test_matvec_rewrite_computes_the_same_function():
+    """MatMul(X, v) with a 1-D weight becomes Squeeze(MatMul(X, v[K, 1]), -1): same outputs on a
+    hand-built graph (a shared weight, and a MatMul with a 2-D weight that stays)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    v, w = rng.standard_normal(7).astype(np.float32), rng.standard_normal((7, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "v"], ["s1"]), helper.make_node("Tanh", ["x"], ["t"]),
+         helper.make_node("MatMul", ["t", "v"], ["s2"]), helper.make_node("MatMul", ["x", "w"], ["m"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, 7])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+         for n, shape in (("s1", ["b", 5]), ("s2", ["b", 5]), ("m", ["b", 5, 3]))],
+        [numpy_helper.from_array(v, "v"), numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.standard_normal((2, 5, 7)).astype(np.float32)
+
+    def run(model):
+        onnx.checker.check_model(model)
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    before = run(proto)
+    assert export_mod.matvec_as_matmul(proto) == 2
+    assert [n.op_type for n in proto.graph.node].count("Squeeze") == 2
+    assert sorted(i.name for i in proto.graph.initializer) == ["c2f_fast_squeeze_last_axis", "v.as_column", "w"]
+    after = run(proto)
+    assert [a.shape for a in after] == [(2, 5), (2, 5), (2, 5, 3)]
+    for a, b in zip(after, before):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert export_mod.matvec_as_matmul(proto) == 0  # nothing left to rewrite
+
+
+@needs_onnx
+def test_exported_onnx_has_no_matvec_and_batch_one_session_agrees(run, tmp_path):
+    """The export carries the rewrite (the local attention's score is a [K, 1] MatMul); the ONNX
+    Runtime backend's batch-1 session (batch fixed to 1) gives the dynamic session's results."""
+    import onnx
+
+    out = tmp_path / "model.onnx"
+    export_model(run["run_dir"], "onnx", out)
+    proto = onnx.load(str(out))
+    one_d = {i.name for i in proto.graph.initializer if len(i.dims) == 1}
+    assert not [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in one_d]
+    assert any(n.name.endswith(".squeeze") for n in proto.graph.node)
+    clf = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", backend="onnxruntime", onnx=out)
+    runner = clf._ort
+    assert set(runner.sessions) == {1} and runner.sessions[1].get_inputs()[0].shape == [1, 3, 64, 64]
+    images = run["clf"].preprocess([make_image(i, 60, 64) for i in range(3)])
+    for i in range(3):
+        x = images[i : i + 1].numpy()
+        single = runner.sessions[1].run(None, {"images": x})
+        dynamic = runner.session.run(None, {"images": x})
+        assert abs(single[0] - dynamic[0]).max() <= 1e-6 and (single[1] == dynamic[1]).all()
+    assert (clf(images[:1]) - run["clf"](images[:1])).abs().max().item() <= DEFAULT_TOLERANCE

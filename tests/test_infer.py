@@ -120,6 +120,58 @@ def test_defaults_and_attributes(run):
     assert run["clf"].backend == "torch" and run["clf"].buckets == [16]
 
 
+@pytest.mark.parametrize("options", [{}, {"glimpse_head": True, "query_token": True, "glimpse_in_prediction": True}],
+                         ids=["paper", "aligned"])
+def test_cpu_runner_rewrites_compute_the_reference_function(options):
+    """The CPU runner's copy (batch norm folded, pool before ReLU, sigmoid-form attention scores
+    with the factors folded into W_a, b, W_h, W_y and v) against the plain model, fp32: the same
+    scores within the fp32 bucket bound and the same greedy steps; the plain model is untouched."""
+    import dataclasses
+
+    from c2f_fast.infer import _SigmoidScoreAttention
+
+    torch.manual_seed(0)
+    model = C2FNet(dataclasses.replace(tiny_config(), **options)).eval()
+    with torch.no_grad():
+        model.predict.bias.copy_(torch.tensor([2.0, 0.8, 0.05, -0.5, -3.0]))
+        for m in model.encoder.modules():  # batch norms with statistics worth folding
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = C2FClassifier(model, CLASSES, device="cpu", backend="torch", dtype="fp32", model_batch=4)
+    plain = C2FClassifier(model, CLASSES, device="cpu", backend="torch", dtype="fp32", model_batch=4, optimize=False)
+    assert isinstance(fast._runner.local_attn, _SigmoidScoreAttention)
+    assert type(plain._runner.local_attn) is not _SigmoidScoreAttention
+    images = torch.randn(4, 3, 64, 64)
+    (s_fast, e_fast), (s_plain, e_plain) = fast.decode(images), plain.decode(images)
+    assert (s_fast - s_plain).abs().max().item() <= BUCKET_TOLERANCE["fp32"]
+    assert torch.equal(e_fast, e_plain) and (e_plain >= 0).any()
+    with torch.inference_mode():  # the attention maps themselves (the scores barely see them here)
+        got, ref = fast._runner(images.contiguous(memory_format=torch.channels_last)), model(images)
+    torch.testing.assert_close(got.local_attn, ref.local_attn, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.step_logits, ref.step_logits, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 16, 8, 6), (3, 5, 7, 9), (1, 3, 2, 2)])
+def test_pool_2x2_equals_max_pool2d(shape, dtype):
+    """Both of _MaxPool2x2's paths (channels_last halves; strided phases for NCHW or odd sizes)
+    give max_pool2d(x, 2) exactly, NaN and -inf included."""
+    from c2f_fast.infer import _MaxPool2x2
+
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype)
+    x.view(-1)[::7] = float("-inf")
+    x.view(-1)[3] = float("nan")
+    expected = torch.nn.functional.max_pool2d(x, 2)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = _MaxPool2x2()(x.contiguous(memory_format=layout))
+        assert got.shape == expected.shape and got.dtype == dtype
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
 def test_bucket_sizes():
     assert bucket_sizes(1) == [1]
     assert bucket_sizes(16) == [1, 2, 4, 8, 16]
