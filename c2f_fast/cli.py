@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo; runs/demo-aligned with --aligned)")
     demo.add_argument("--aligned", action="store_true",
                       help="with the decoder options that align each step's local attention with the class it "
-                           "emits (glimpse supervision + the fed token in the query; docs/model.md)")
+                           "emits (glimpse supervision, the fed token in the query, the glimpse's logits in the "
+                           "prediction, a stronger vertical margin; docs/model.md)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the demo's config")
     demo.set_defaults(func=_cmd_demo)
 

@@ -46,7 +46,7 @@ def checking_values() -> bool:
 
 
 #: The opt-in decoder options of ``ModelConfig`` (all off: the paper's model).
-ALIGNMENT_OPTIONS = ("glimpse_head", "query_token", "attend_after_update", "scaled_prior")
+ALIGNMENT_OPTIONS = ("glimpse_head", "query_token", "attend_after_update", "scaled_prior", "glimpse_in_prediction")
 
 
 @dataclass
@@ -72,6 +72,9 @@ class ModelConfig:
     attend_after_update: Luong order: the LSTM step comes first (fed the previous context),
         β_t is computed from h_t and the prediction sees [h_t; z_t; f_fc].
     scaled_prior: Eq. 5's prior is L·α̂ instead of α̂ (a uniform global attention is prior 1).
+    glimpse_in_prediction: the step's prediction adds the glimpse head's class logits,
+        p_t = σ(W_p [h_t; f_fc] + b_p + W_g g_t + b_g) (needs ``glimpse_head``): a class is emitted
+        more readily by the step that looked at it.
     """
 
     variant: str = "lstm_lg"
@@ -88,6 +91,7 @@ class ModelConfig:
     query_token: bool = False
     attend_after_update: bool = False
     scaled_prior: bool = False
+    glimpse_in_prediction: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -110,6 +114,8 @@ class ModelConfig:
                 raise ValueError(f"{name}: needs local attention (variant lstm_l or lstm_lg), got variant {self.variant!r}")
         if self.scaled_prior and self.variant != "lstm_lg":
             raise ValueError(f"scaled_prior: scales the global attention's prior, so needs variant lstm_lg, got {self.variant!r}")
+        if self.glimpse_in_prediction and not self.glimpse_head:
+            raise ValueError("glimpse_in_prediction: adds the glimpse head's logits to the prediction, so needs glimpse_head")
         if self.variant == "vgg":
             self.steps = 1
 
@@ -312,6 +318,8 @@ class C2FNet(nn.Module):
             if cfg.glimpse_head:  # the glimpse without the prior: where the step looked, unscaled
                 glimpse = torch.einsum("bl,bld->bd", beta, feats)
                 glimpse_logits.append(self.glimpse_classify(glimpse))
+                if cfg.glimpse_in_prediction:
+                    logit = logit + glimpse_logits[-1]
             # No copying (docs/model.md, "Decoder"): a class already fed to the decoder scores
             # -inf at this step and every later one. Step 0 (fed START) is never masked.
             if t > 0:

@@ -21,6 +21,7 @@ SETTINGS = [
     {"attend_after_update": True},
     {"scaled_prior": True},
     {"glimpse_head": True, "query_token": True},
+    {"glimpse_head": True, "query_token": True, "glimpse_in_prediction": True},
     {name: True for name in ALIGNMENT_OPTIONS},
 ]
 
@@ -184,6 +185,27 @@ def test_coverage_penalty_hand_built():
 def test_options_need_local_attention(name):
     with pytest.raises(ValueError, match=name):
         ModelConfig(variant="lstm", **{name: True})
+
+
+def test_glimpse_in_prediction_adds_the_glimpse_logits_and_needs_the_head():
+    """p_t's logits with the option are those of the same weights without it plus the glimpse
+    head's logits (teacher forcing: the same tokens; classes masked by the no-copy rule stay -inf)."""
+    torch.manual_seed(0)
+    cfg = dict(variant="lstm_lg", backbone="tiny", num_classes=5, steps=3, hidden=16, embed=8, attn=12,
+               glimpse_head=True, query_token=True)
+    model = C2FNet(ModelConfig(**cfg, glimpse_in_prediction=True))
+    feats, f_fc = torch.rand(2, 49, model.feat_dim), torch.randn(2, model.fc_dim)
+    seq = torch.tensor([[1, 3, PAD], [0, PAD, PAD]])
+    with torch.no_grad():
+        joined = model.decode(feats, f_fc, seq)
+        model.cfg.glimpse_in_prediction = False
+        plain = model.decode(feats, f_fc, seq)
+    torch.testing.assert_close(joined.glimpse_logits, plain.glimpse_logits)
+    masked = torch.isinf(plain.step_logits)
+    assert masked.any() and torch.equal(torch.isinf(joined.step_logits), masked)
+    torch.testing.assert_close(joined.step_logits[~masked], (plain.step_logits + plain.glimpse_logits)[~masked])
+    with pytest.raises(ValueError, match="glimpse_in_prediction.*glimpse_head"):
+        ModelConfig(variant="lstm_lg", glimpse_in_prediction=True)
 
 
 def test_scaled_prior_needs_global_attention():

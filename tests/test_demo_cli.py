@@ -87,8 +87,8 @@ def test_demo_aligned_trains_the_aligned_options(tiny_set, tmp_path):
     out = tmp_path / "aligned"
     summary = run_demo(out, [f"data.root={tiny_set}", *TINY], figure_images=1, aligned=True)
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["model"]["glimpse_head"] and saved["model"]["query_token"]
-    assert saved["optim"]["lambda3"] == 1.0
+    assert saved["model"]["glimpse_head"] and saved["model"]["query_token"] and saved["model"]["glimpse_in_prediction"]
+    assert saved["optim"]["lambda3"] == 1.0 and saved["optim"]["lambda2"] == 0.5
     assert saved["run"]["out"] == str(out)  # --out wins over the aligned default folder
     steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any("glimpse" in r for r in steps if r.get("kind") == "step")  # the loss term is logged
