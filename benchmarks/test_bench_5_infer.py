@@ -13,10 +13,10 @@ provider, ``intra_op_num_threads`` = torch's thread count, default graph optimis
 it, timed round-robin in the same process (:func:`benchmarks._bench.measure_interleaved`):
 
 - ``default``: ``C2FClassifier.from_checkpoint(dir, device="cpu")`` with every default (backend
-  ``auto``: each bucket on the backend its stored timing found faster; bf16 where the CPU has it;
-  buckets; model_batch 16);
-- ``torch``: the torch backend with its defaults (channels_last, batch norm folded, bf16 where
-  the CPU has it, buckets);
+  ``auto``: each bucket on the backend its stored timing found faster, one image on ONNX Runtime's
+  batch-1 session; bf16 where the CPU has it; buckets; model_batch 32);
+- ``torch``: the torch backend with its defaults (channels_last, batch norm folded, pool before
+  ReLU, sigmoid-form attention scores, bf16 where the CPU has it, buckets);
 - ``torch_fp32_plain``: the earlier default (fp32, the plain model, fixed batches of the
   benchmark's batch size);
 - ``torch_fp32_compiled``: ``compile=True`` (Inductor with freezing), fp32, ``model_batch`` = the

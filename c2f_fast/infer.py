@@ -19,8 +19,9 @@ gives an ``nn.Module`` for three uses:
 Defaults: CUDA when present, else the CPU; on CUDA bf16 autocast, ``torch.compile`` and the Triton
 kernels (``ModelConfig.fast_kernels``); on the CPU eager PyTorch with bf16 autocast where the CPU
 computes bf16 natively (AMX or AVX512-BF16: :func:`c2f_fast.runtime.cpu_bf16_support`), fp32
-elsewhere, channels_last with batch norm folded into the convolutions and each 2x2 max-pool run
-before its ReLU (``optimize``; the same function), next to
+elsewhere, channels_last with batch norm folded into the convolutions, each 2x2 max-pool run
+before its ReLU and the attention scores from ``sigmoid`` with the factors folded into the weights
+(``optimize``; the same function up to rounding, tested), next to
 ONNX Runtime (``backend="auto"``, below). The weights stay fp32 in every case; a 16-bit ``dtype``
 is the autocast compute type, as in training and evaluation. Every model call runs under
 ``torch.inference_mode``. ``compile=True`` on the CPU compiles with Inductor's freezing
@@ -35,7 +36,8 @@ Backends (``backend``):
   otherwise :meth:`C2FClassifier.from_checkpoint` exports one beside the weights as
   ``{stem}.{weights hash}.onnx`` (e.g. ``best.3c9b4d1c7be287fa.onnx``; checked against the torch
   model as ``c2f export`` checks, written atomically), reuses it while the weights hash is the
-  same, and replaces it when the weights change.
+  same, and replaces it when the weights change. One image runs on a second session of the graph
+  with the batch fixed to 1 (ONNX Runtime folds the decoder loop's shape arithmetic there).
 - ``"auto"`` (default): on the CPU, both, bucket by bucket (below): on first use each bucket is
   timed on both backends, interleaved, on seeded random images, and the timings are stored beside
   the ``.onnx`` (``*.timings.json``, keyed by the thread count, dtype, CPU capability and the
