@@ -128,12 +128,11 @@ def _export(wrapper: GreedyExport, fmt: str, example: torch.Tensor, path: Path, 
             output_names=["scores", "emissions"], dynamic_shapes={"images": {0: batch}},
         )
         program.model.metadata_props["c2f_fast"] = text
-        program.save(str(path), external_data=False)  # one self-contained file
         import onnx
 
-        proto = onnx.load(str(path))
-        if matvec_as_matmul(proto):
-            onnx.save(proto, str(path))
+        proto = program.model_proto  # tuned before the one write
+        matvec_as_matmul(proto)
+        onnx.save(proto, str(path))  # one self-contained file (no external data)
     else:
         raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
 

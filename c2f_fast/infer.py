@@ -855,14 +855,8 @@ class _SigmoidScoreAttention(LocalAttention):
     against 0.5 for ``sigmoid``, and this [B, L, A] map is the decoder's largest tensor, computed
     at every step."""
 
-    def forward(self, feats, feats_proj, h, prior, fast, query_extra=None):
-        q = self.query_proj(h)
-        if query_extra is not None:
-            q = q + query_extra
-        s = torch.sigmoid(feats_proj + q.unsqueeze(1)) @ self.v
-        beta = torch.softmax(s, dim=1)
-        w = beta if prior is None else beta * prior
-        return torch.einsum("bl,bld->bd", w, feats), beta
+    def scores(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(u) @ self.v
 
 
 @torch.no_grad()

@@ -192,10 +192,13 @@ class LocalAttention(nn.Module):
             import kernels
 
             return kernels.additive_attention(feats, feats_proj, q, self.v, prior)
-        s = torch.tanh(feats_proj + q.unsqueeze(1)) @ self.v
-        beta = torch.softmax(s, dim=1)
+        beta = torch.softmax(self.scores(feats_proj + q.unsqueeze(1)), dim=1)
         w = beta if prior is None else beta * prior
         return torch.einsum("bl,bld->bd", w, feats), beta
+
+    def scores(self, u: torch.Tensor) -> torch.Tensor:
+        """s_ti = v · tanh(u_ti) for u = W_a a_i + W_h h_{t-1} + b [B, L, A] (reference path)."""
+        return torch.tanh(u) @ self.v
 
 
 class C2FNet(nn.Module):
