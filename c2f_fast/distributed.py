@@ -9,6 +9,7 @@ helpers here are no-ops, so the training code reads the same either way.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -87,7 +88,11 @@ def _attempt_store(world: int, timeout: Optional[float]):
 
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # tearing down a finished (or failed) run must not fail it again
+            warnings.warn(f"rank {info.rank}: destroying the process group failed: {exc}", RuntimeWarning,
+                          stacklevel=2)
 
 
 def barrier(info: DistInfo) -> None:

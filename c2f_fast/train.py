@@ -557,6 +557,10 @@ def _train(cfg: TrainConfig, mode: str, info: DistInfo) -> dict[str, Any]:
                                f"(best mAP {state.best_map:.4f} at epoch {state.best_epoch + 1})"))
         out.print(f"wrote {run_dir}/{{{METRICS_FILE}, {LOG_FILE}, {CURVES_FILE}, {ckpt.BEST_WEIGHTS}, "
                   f"{ckpt.FINAL_WEIGHTS}, {ckpt.MODEL_JSON}, {ckpt.CHECKPOINT}}}")
+    # The ranks leave the group together: a rank that exits while rank 0 still writes closes its
+    # gloo connections under a peer that has not torn the group down yet (a crash at exit there
+    # reads as a failed worker to torchrun, which restarts a finished run).
+    barrier(info)
     return summary
 
 

@@ -172,7 +172,8 @@ def test_killed_worker_restarts_and_ends_bit_identical(synth_root, tmp_path, loa
                 os.killpg(p.pid, signal.SIGKILL)
     assert reference.returncode == 0, ref_text
     assert killed.returncode == 0, text
-    assert "resuming" in text and "resuming" not in ref_text
+    assert "resuming" in text, text
+    assert "resuming" not in ref_text, ref_text
     resumed_at = int(text.split("resuming", 1)[1].split("step ", 1)[1].split(" ")[0])
     assert 0 < resumed_at < EPOCHS * STEPS_PER_EPOCH
     summary = json.loads((tmp_path / "killed" / "metrics.json").read_text())
