@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoders import BACKBONES, build_encoder
+from .step_linear import StepLinears
 
 VARIANTS = ("vgg", "lstm", "lstm_l", "lstm_lg")
 
@@ -302,11 +303,12 @@ class C2FNet(nn.Module):
         fed[:, self.start_token] = True
         stopped = torch.zeros(B, dtype=torch.bool, device=feats.device)
         step_logits, betas, glimpse_logits = [], [], []
+        steps = None if fast else StepLinears()
         for t in range(T):
             emb = self.embedding(token)
             query_extra = self.token_query(emb) if cfg.query_token else None
             if after:  # Luong order: update with the previous context, then attend from h_t
-                h, c = self._lstm_step(torch.cat([emb, z], dim=1), h, c, fast)
+                h, c = self._lstm_step(torch.cat([emb, z], dim=1), h, c, fast, steps)
                 z, beta = self.local_attn(feats, feats_proj, h, prior, fast, query_extra)
                 betas.append(beta)
                 logit = self.predict(torch.cat([h, z, f_fc], dim=1))
@@ -316,7 +318,7 @@ class C2FNet(nn.Module):
                     betas.append(beta)
                 else:
                     z = mean_feats
-                h, c = self._lstm_step(torch.cat([emb, z], dim=1), h, c, fast)
+                h, c = self._lstm_step(torch.cat([emb, z], dim=1), h, c, fast, steps)
                 logit = self.predict(torch.cat([h, f_fc], dim=1))
             if cfg.glimpse_head:  # the glimpse without the prior: where the step looked, unscaled
                 glimpse = torch.einsum("bl,bld->bd", beta, feats)
@@ -347,13 +349,21 @@ class C2FNet(nn.Module):
             glimpse_logits=torch.stack(glimpse_logits, dim=1) if cfg.glimpse_head else None,
         )
 
-    def _lstm_step(self, x, h, c, fast: bool):
+    def _lstm_step(self, x, h, c, fast: bool, steps: Optional[StepLinears] = None):
         if fast:
             import kernels
 
             gates_x = F.linear(x, self.lstm.weight_ih, self.lstm.bias_ih)
             return kernels.lstm_cell(gates_x, h, c, self.lstm.weight_hh, self.lstm.bias_hh)
-        return self.lstm(x, (h, c))
+        lstm = self.lstm
+        if steps is None or not steps.defers(lstm.weight_ih):
+            return lstm(x, (h, c))
+        # nn.LSTMCell's function (gate order i, f, g, o), its two products through ``steps`` so that
+        # their weight gradients are one product over all steps (c2f_fast/step_linear.py)
+        gates = steps.linear(x, lstm.weight_ih, lstm.bias_ih) + steps.linear(h, lstm.weight_hh, lstm.bias_hh)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
 
 
 def greedy_emissions(step_logits: torch.Tensor) -> torch.Tensor:
