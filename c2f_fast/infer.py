@@ -131,7 +131,7 @@ BUCKET_TOLERANCE = {"fp32": 1e-5, "onnxruntime": 1e-4, "bf16": 0.03}
 
 #: Changes when a runner changes (the torch CPU rewrites, the ONNX Runtime sessions): stored
 #: timings are then measured again.
-_RUNNER_VERSION = 3
+_RUNNER_VERSION = 4
 
 #: What follows the stem in a cached ONNX file's name: the weights hash.
 _CACHE_NAME = re.compile(r"[0-9a-f]{16}\.onnx")
@@ -292,6 +292,7 @@ class C2FClassifier(nn.Module):
             _fold_batchnorm(runner_model)
             _pool_before_relu(runner_model)
             _sigmoid_attention_scores(runner_model)
+            _cast_matmul_weights(runner_model, self.dtype)
             runner_model = runner_model.to(memory_format=torch.channels_last)
         self.__dict__["_channels_last"] = self.optimize and cpu
         runner: Any = runner_model
@@ -831,20 +832,27 @@ class _MaxPool2x2(nn.Module):
                              torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
 
 
+def _is_pool_2x2(pool: nn.Module) -> bool:
+    return (isinstance(pool, nn.MaxPool2d) and _pair(pool.kernel_size) == (2, 2)
+            and _pair(pool.stride or pool.kernel_size) == (2, 2) and _pair(pool.padding) == (0, 0)
+            and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode and not pool.return_indices)
+
+
 def _pool_before_relu(module: nn.Module) -> None:
     """In place: in every ``nn.Sequential``, a ``ReLU`` followed by a 2x2/stride-2 ``MaxPool2d``
-    becomes :class:`_MaxPool2x2` then the ``ReLU`` (they commute exactly: relu is monotonic), so the
-    ReLU runs on a quarter of the elements."""
+    (VGG's order) becomes the pool then the ``ReLU`` (they commute exactly: relu is monotonic), so
+    the ReLU runs on a quarter of the elements; then every such pool becomes :class:`_MaxPool2x2`
+    (the tiny backbone already pools before its ReLU)."""
 
     def swap(relu, pool):
-        if (isinstance(relu, nn.ReLU) and isinstance(pool, nn.MaxPool2d)
-                and _pair(pool.kernel_size) == (2, 2) and _pair(pool.stride or pool.kernel_size) == (2, 2)
-                and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1)
-                and not pool.ceil_mode and not pool.return_indices):
-            return _MaxPool2x2(), relu
-        return None
+        return (pool, relu) if isinstance(relu, nn.ReLU) and _is_pool_2x2(pool) else None
 
     _rewrite_adjacent(module, swap)
+    for child in module.modules():
+        if isinstance(child, nn.Sequential):
+            for name, pool in child._modules.items():
+                if _is_pool_2x2(pool):
+                    child._modules[name] = _MaxPool2x2()
 
 
 class _SigmoidScoreAttention(LocalAttention):
@@ -874,6 +882,22 @@ def _sigmoid_attention_scores(model: nn.Module) -> None:
     if getattr(model, "token_query", None) is not None:
         model.token_query.weight.mul_(2)
     attention.__class__ = _SigmoidScoreAttention
+
+
+@torch.no_grad()
+def _cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """In place: the weights that autocast casts to ``dtype`` at every call (convolutions, linear
+    layers, the LSTM cell's products, the attention vector v) stored in ``dtype`` once. The same
+    values (autocast's cast rounds as ``Tensor.to`` does), without the per-call copies: at batch 1
+    on the CPU those copies were most of the bf16 decoder's time. Embeddings and norms, which
+    autocast leaves in float32, stay float32. A no-op for float32."""
+    if dtype == torch.float32:
+        return
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.LSTMCell)):
+            module.to(dtype)
+        elif isinstance(module, LocalAttention):
+            module.v.data = module.v.data.to(dtype)
 
 
 def _pair(value: Any) -> tuple:

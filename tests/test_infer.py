@@ -143,6 +143,8 @@ def test_cpu_runner_rewrites_compute_the_reference_function(options):
     plain = C2FClassifier(model, CLASSES, device="cpu", backend="torch", dtype="fp32", model_batch=4, optimize=False)
     assert isinstance(fast._runner.local_attn, _SigmoidScoreAttention)
     assert type(plain._runner.local_attn) is not _SigmoidScoreAttention
+    pools = [type(m).__name__ for m in fast._runner.encoder.modules() if "Pool" in type(m).__name__]
+    assert pools == ["_MaxPool2x2"] * 3, pools
     images = torch.randn(4, 3, 64, 64)
     (s_fast, e_fast), (s_plain, e_plain) = fast.decode(images), plain.decode(images)
     assert (s_fast - s_plain).abs().max().item() <= BUCKET_TOLERANCE["fp32"]
@@ -152,6 +154,37 @@ def test_cpu_runner_rewrites_compute_the_reference_function(options):
     torch.testing.assert_close(got.local_attn, ref.local_attn, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got.step_logits, ref.step_logits, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("options", [{}, {"glimpse_head": True, "query_token": True, "glimpse_in_prediction": True}],
+                         ids=["paper", "aligned"])
+def test_bf16_runner_stores_the_weights_autocast_would_cast(options):
+    """The bf16 CPU runner keeps its convolution, linear, LSTM and attention weights in bf16 (no
+    per-call casts): under autocast that is the same computation, bit for bit, as the float32
+    weights autocast casts at each call; embeddings and the reference model stay float32."""
+    import copy
+    import dataclasses
+
+    from c2f_fast.infer import _cast_matmul_weights
+
+    torch.manual_seed(0)
+    model = C2FNet(dataclasses.replace(tiny_config(), **options)).eval()
+    clf = C2FClassifier(model, CLASSES, device="cpu", backend="torch", dtype="bf16", model_batch=4)
+    runner = clf._runner
+    assert runner.lstm.weight_ih.dtype == runner.predict.weight.dtype == runner.local_attn.v.dtype == torch.bfloat16
+    assert runner.embedding.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    cast_per_call = copy.deepcopy(runner)
+    for module in cast_per_call.modules():  # float32 again: autocast casts them at every call
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.LSTMCell)):
+            module.float()
+    cast_per_call.local_attn.v.data = cast_per_call.local_attn.v.data.float()
+    images = torch.randn(3, 3, 64, 64).to(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, ref = runner(images), cast_per_call(images)
+    assert torch.equal(got.step_logits, ref.step_logits) and torch.equal(got.local_attn, ref.local_attn)
+    _cast_matmul_weights(cast_per_call, torch.float32)  # a no-op for float32
+    assert cast_per_call.predict.weight.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
