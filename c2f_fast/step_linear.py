@@ -92,7 +92,8 @@ class StepLinears:
     deferred to one product each (see the module's docstring)."""
 
     def __init__(self):
-        self._shared: dict[int, tuple[torch.Tensor, torch.Tensor, _Stash]] = {}
+        # (id(weight), dtype) -> (weight, its alias, its stash); holding the weight keeps its id unique
+        self._shared: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor, _Stash]] = {}
 
     @staticmethod
     def defers(weight: torch.Tensor) -> bool:
@@ -105,7 +106,7 @@ class StepLinears:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         key = (id(weight), dtype)
         entry = self._shared.get(key)
-        if entry is None or entry[0] is not weight:
+        if entry is None:
             stash = _Stash()
             entry = (weight, _SharedWeight.apply(weight, stash, dtype), stash)
             self._shared[key] = entry

@@ -183,8 +183,8 @@ def test_bf16_runner_stores_the_weights_autocast_would_cast(options):
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         got, ref = runner(images), cast_per_call(images)
     assert torch.equal(got.step_logits, ref.step_logits) and torch.equal(got.local_attn, ref.local_attn)
-    _cast_matmul_weights(cast_per_call, torch.float32)  # a no-op for float32
-    assert cast_per_call.predict.weight.dtype == torch.float32
+    _cast_matmul_weights(runner, torch.float32)  # a no-op for float32: nothing is cast back
+    assert runner.lstm.weight_ih.dtype == runner.predict.weight.dtype == runner.local_attn.v.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
