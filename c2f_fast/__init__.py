@@ -7,7 +7,7 @@ of the top-level ``kernels`` package.
 
 __version__ = "0.1.0"
 
-_LAZY = {"C2FClassifier": "infer", "Prediction": "infer", "export_model": "export"}
+_LAZY = {"C2FClassifier": "infer", "Prediction": "infer", "export_model": "export", "tune_allocator": "runtime"}
 
 
 def __getattr__(name):  # imported on first use: ``import c2f_fast`` stays light

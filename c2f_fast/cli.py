@@ -34,6 +34,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"device       {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
     else:
         print("device       CPU only (Triton kernels run only under TRITON_INTERPRET=1)")
+    from c2f_fast.runtime import tune_allocator
+
+    print(f"memory       {tune_allocator().removeprefix('allocator: ')}")
     return 0
 
 
@@ -273,6 +276,9 @@ class CLIError(Exception):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from c2f_fast.runtime import tune_allocator
+
+    tune_allocator()  # every command: keep freed memory for reuse (runtime.tune_allocator says why)
     from c2f_fast.checkpoint import CheckpointError
     from c2f_fast.config import ConfigError
     from c2f_fast.data.images import BadImageError

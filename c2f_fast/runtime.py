@@ -5,6 +5,10 @@ folder's file names, the datasets and their loaders. Shared by ``train``, ``eval
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,6 +23,76 @@ LOG_FILE = "log.jsonl"
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "curves.png"
 CONFIG_FILE = "config.yaml"
+
+
+# ----------------------------------------------------------------------------- allocator
+#: glibc's ``mallopt`` parameters (``<malloc.h>``).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: Blocks up to this size come from malloc's heap, where a freed block is reused, instead of fresh
+#: mmap'd pages that the kernel must fault in (and zero) on first touch.
+HEAP_BLOCKS_UP_TO = 1 << 30
+#: Free memory at the top of the heap is returned to the kernel only beyond this (the largest
+#: value ``mallopt`` takes): the next step's tensors reuse it instead.
+TRIM_ABOVE = 2**31 - 1
+#: ``C2F_MALLOC=system`` leaves the allocator as it is.
+MALLOC_ENV = "C2F_MALLOC"
+_allocator_state: Optional[str] = None
+
+
+def tune_allocator() -> str:
+    """Make glibc's malloc keep the memory a process frees, for the next allocation, and return
+    one line saying what it did (``c2f`` commands print it at start-up).
+
+    Why: PyTorch's CPU tensors come from ``malloc``, and glibc serves blocks above its mmap
+    threshold (128 KiB at first, adjusted up to at most 32 MiB) with fresh pages mapped for that
+    block alone, unmapped again when the tensor is freed. A training step frees and reallocates
+    its activations every step, so every step page-faults all of them in again: 36,000 faults a
+    step (57 ms of system time) in the demo's training step on the 2-core machine. With blocks up
+    to :data:`HEAP_BLOCKS_UP_TO` from the heap and no trimming, the faults go and the step runs
+    1.43x faster, the whole ``c2f demo`` 1.33x (docs/cli.md, "Memory: the allocator"). The cost: the process keeps
+    its peak heap instead of handing freed memory back to the kernel. The same effect as the
+    ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` variables, or as preloading jemalloc or
+    tcmalloc, as PyTorch's CPU performance guides advise.
+
+    A no-op (and the line says why) where the C library is not glibc, where
+    ``C2F_MALLOC=system`` is set, or where the user already chose: an allocator in
+    ``LD_PRELOAD``, ``MALLOC_*_`` variables or ``glibc.malloc`` tunables. Called once per
+    process: later calls return the first call's line. Process-wide: the library does not call
+    it on its own (``c2f_fast.C2FClassifier`` leaves the allocator alone); the ``c2f`` commands
+    do."""
+    global _allocator_state
+    if _allocator_state is None:
+        _allocator_state = _tune_allocator()
+    return _allocator_state
+
+
+def allocator_state() -> str:
+    """What :func:`tune_allocator` did in this process, without doing anything."""
+    return _allocator_state or "allocator: the system's (tune_allocator() not called in this process)"
+
+
+def _tune_allocator() -> str:
+    setting = os.environ.get(MALLOC_ENV, "").strip().lower()
+    if setting in ("system", "0", "off", "no"):
+        return f"allocator: the system's ({MALLOC_ENV}={setting})"
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return "allocator: the system's (not glibc: nothing to tune)"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        return "allocator: the preloaded one (LD_PRELOAD)"
+    chosen = sorted(k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_"))
+    if chosen or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return f"allocator: glibc as configured ({', '.join(chosen) or 'GLIBC_TUNABLES'})"
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+        mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+        ok = mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_ABOVE) == 1
+    except (OSError, AttributeError) as err:
+        return f"allocator: the system's (mallopt unavailable: {err})"
+    if not ok:
+        return "allocator: the system's (glibc refused the mallopt settings)"
+    return (f"allocator: glibc malloc keeps freed memory (heap blocks up to {HEAP_BLOCKS_UP_TO >> 30} GiB, "
+            f"no trimming; {MALLOC_ENV}=system turns this off)")
 
 
 # ----------------------------------------------------------------------------- settings

@@ -38,7 +38,7 @@ from .labels import class_frequency_order, label_sequences
 from .losses import c2f_loss
 from .model import C2FNet, value_checks
 from .runtime import (CONFIG_FILE, CURVES_FILE, LOG_FILE, METRICS_FILE, Settings, build_loaders,  # noqa: F401
-                      load_datasets, resolve_settings)
+                      load_datasets, resolve_settings, tune_allocator)
 
 log = logging.getLogger(__name__)
 
@@ -379,6 +379,7 @@ def train(cfg: TrainConfig, resume: Optional[bool] = None) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, mode: str, info: DistInfo) -> dict[str, Any]:
     t_start = time.perf_counter()
+    allocator = tune_allocator()  # a training step frees and reallocates its activations: see there
     settings = resolve_settings(cfg, info.device)
     run_dir, saved = prepare_run_dir(cfg, mode, info)
     torch.manual_seed(cfg.run.seed + info.rank)
@@ -441,6 +442,7 @@ def _train(cfg: TrainConfig, mode: str, info: DistInfo) -> dict[str, Any]:
               f"({train_set.num_classes} classes), testing on {len(test_set)}; "
               f"{info.world_size} process(es), {steps_per_epoch} steps/epoch")
     out.print(f"settings: {settings.describe()}")
+    out.print(allocator)
     if cfg.data.features:
         out.print(f"loader: features (the encoder's cached outputs in {cfg.data.features})")
     else:
