@@ -246,9 +246,46 @@ def test_matvec_rewrite_computes_the_same_function():
 
 
 @needs_onnx
+def test_einsum_as_matmul_keeps_the_function():
+    """The attention-pooling einsum (any letters, spaces) becomes Unsqueeze-MatMul-Squeeze with the
+    same outputs; other equations stay; a second pass finds nothing."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Einsum", ["w", "x"], ["p1"], equation="bl,bld->bd"),
+         helper.make_node("Einsum", ["w", "x"], ["p2"], equation="n k , n k c -> n c"),
+         helper.make_node("Einsum", ["x", "x"], ["g"], equation="bld,ble->bde")],
+        "g", [helper.make_tensor_value_info("w", TensorProto.FLOAT, ["b", 5]),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, 7])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+         for n, shape in (("p1", ["b", 7]), ("p2", ["b", 7]), ("g", ["b", 7, 7]))])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    feed = {"w": rng.standard_normal((3, 5)).astype(np.float32), "x": rng.standard_normal((3, 5, 7)).astype(np.float32)}
+
+    def run(model):
+        onnx.checker.check_model(model)
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+
+    before = run(proto)
+    assert export_mod.einsum_as_matmul(proto) == 2
+    assert [n.op_type for n in proto.graph.node].count("Einsum") == 1  # the Gram product stays
+    after = run(proto)
+    for a, b in zip(after, before):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(after[0], np.einsum("bl,bld->bd", feed["w"], feed["x"]), rtol=1e-5, atol=1e-6)
+    assert export_mod.einsum_as_matmul(proto) == 0
+
+
+@needs_onnx
 def test_exported_onnx_has_no_matvec_and_batch_one_session_agrees(run, tmp_path):
-    """The export carries the rewrite (the local attention's score is a [K, 1] MatMul); the ONNX
-    Runtime backend's batch-1 session (batch fixed to 1) gives the dynamic session's results."""
+    """The export carries the rewrites (the local attention's score is a [K, 1] MatMul, no Einsum
+    is left); the ONNX Runtime backend's batch-1 session (batch fixed to 1) gives the dynamic
+    session's results."""
     import onnx
 
     out = tmp_path / "model.onnx"
@@ -257,6 +294,7 @@ def test_exported_onnx_has_no_matvec_and_batch_one_session_agrees(run, tmp_path)
     one_d = {i.name for i in proto.graph.initializer if len(i.dims) == 1}
     assert not [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in one_d]
     assert any(n.name.endswith(".squeeze") for n in proto.graph.node)
+    assert not [n for n in proto.graph.node if n.op_type == "Einsum"]
     clf = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", backend="onnxruntime", onnx=out)
     runner = clf._ort
     assert set(runner.sessions) == {1} and runner.sessions[1].get_inputs()[0].shape == [1, 3, 64, 64]

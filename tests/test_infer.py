@@ -401,6 +401,9 @@ def test_lazy_package_export():
 
     assert c2f_fast.C2FClassifier is C2FClassifier
     assert c2f_fast.Prediction is Prediction
+    from c2f_fast.runtime import tune_allocator
+
+    assert c2f_fast.tune_allocator is tune_allocator
     with pytest.raises(AttributeError):
         c2f_fast.does_not_exist  # noqa: B018
 
@@ -471,6 +474,30 @@ def test_onnxruntime_backend_predicts_what_torch_does(run, tmp_path):
             C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", backend="onnxruntime", **bad)
     with pytest.raises(ValueError, match="onnx="):
         C2FClassifier(C2FNet(tiny_config()), CLASSES, device="cpu", backend="onnxruntime")
+
+
+@needs_ort
+def test_one_image_goes_straight_to_the_batch_one_session(run, monkeypatch):
+    """One contiguous float32 image on an ONNX Runtime bucket 1 takes the short path; its result
+    is the general path's (a non-contiguous view of the same image goes the general way)."""
+    clf = C2FClassifier.from_checkpoint(run["run_dir"], device="cpu", backend="onnxruntime")
+    images = distinct_images(clf, 2)
+    one = images[1:]
+    calls = []
+    run_one = clf._ort.run_one
+    monkeypatch.setattr(clf._ort, "run_one", lambda x: calls.append(x.shape) or run_one(x))
+    scores, emissions = clf.decode(one)
+    assert calls == [(1, 3, clf.image_size, clf.image_size)]
+    strided = torch.empty(1, 3, clf.image_size, 2 * clf.image_size)[..., ::2].copy_(one)
+    assert not strided.is_contiguous()
+    general = clf.decode(strided)
+    assert len(calls) == 1  # the general path runs the same session through the runner's __call__
+    assert torch.equal(scores, general[0]) and torch.equal(emissions, general[1])
+    assert emissions.dtype == torch.long and scores.shape == (1, clf.num_classes)
+    assert torch.equal(clf(one), scores) and len(calls) == 2
+    clf.bucket_backends[1] = "torch"  # a bucket moved to torch is honoured
+    clf.decode(one)
+    assert len(calls) == 2
 
 
 @needs_ort
