@@ -156,6 +156,71 @@ def test_cpu_runner_rewrites_compute_the_reference_function(options):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("variant, options", [("lstm_lg", {}), ("lstm_lg", {"scaled_prior": True}),
+                                              ("lstm_l", {}), ("lstm", {})],
+                         ids=["lstm_lg", "scaled_prior", "lstm_l", "lstm"])
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_greedy_decoder_computes_the_models_greedy_decoding(variant, options, batch, monkeypatch):
+    """_GreedyDecoder (the CPU runner's rearranged greedy loop) against C2FNet.decode, fp32, on
+    L = 49, D = 24, F = 40, H = 20, A = 36 (not powers of two): the same step logits within fp32
+    rounding, -inf at the same places (no copying), the same emissions, stops included."""
+    from c2f_fast import model as model_module
+    from c2f_fast.encoders import TinyEncoder
+    from c2f_fast.infer import _GreedyDecoder
+
+    monkeypatch.setattr(model_module, "build_encoder", lambda *a: TinyEncoder(feat_dim=24, fc_dim=40))
+    torch.manual_seed(1)
+    cfg = ModelConfig(variant=variant, backbone="tiny", num_classes=5, steps=4, hidden=20, embed=12, attn=36,
+                      image_size=56, **options)
+    model = C2FNet(cfg).eval()
+    with torch.no_grad():  # some classes above 0.5, some below: steps emit, then stop
+        model.predict.bias.copy_(torch.tensor([2.0, 0.8, 0.3, -0.5, -3.0]))
+    assert _GreedyDecoder.supports(model) and (model.feat_dim, model.fc_dim) == (24, 40)
+    decoder = _GreedyDecoder(model)
+    feats, f_fc = torch.randn(batch, 49, 24).relu(), torch.randn(batch, 40).relu()
+    with torch.inference_mode():
+        ref = model.decode(feats, f_fc)
+        logits, step_logits = decoder(feats, f_fc)
+    finite = torch.isfinite(ref.step_logits)
+    assert torch.equal(finite, torch.isfinite(step_logits))
+    torch.testing.assert_close(step_logits[finite], ref.step_logits[finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, ref.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(greedy_emissions(step_logits), greedy_emissions(ref.step_logits))
+    if batch > 1:
+        emitted = greedy_emissions(ref.step_logits)
+        assert (emitted >= 0).any() and (emitted < 0).any()  # both emitting and stopped steps
+        assert not finite.all()  # the no-copy mask was exercised
+
+
+def test_runner_uses_the_greedy_decoder_for_small_buckets_only():
+    """float32 runner: every bucket; bf16 runner: up to GREEDY_DECODER_MAX_BF16 images; the
+    aligned options, compile or optimize=False: the model's own loop. Scores within the bounds."""
+    import dataclasses
+
+    from c2f_fast.infer import GREEDY_DECODER_MAX_BF16, _GreedyDecoder
+
+    torch.manual_seed(0)
+    model = C2FNet(tiny_config()).eval()
+    plain = C2FClassifier(model, CLASSES, device="cpu", backend="torch", dtype="fp32", batching="strict",
+                          model_batch=32, optimize=False)
+    assert plain._greedy is None
+    images = torch.randn(32, 3, 64, 64)
+    reference = plain(images)
+    for dtype, greedy_max in (("fp32", 32), ("bf16", GREEDY_DECODER_MAX_BF16)):
+        clf = C2FClassifier(model, CLASSES, device="cpu", backend="torch", dtype=dtype, model_batch=32)
+        assert isinstance(clf._greedy, _GreedyDecoder)
+        used = []
+        greedy = clf._greedy
+        clf.__dict__["_greedy"] = lambda feats, f_fc: used.append(feats.shape[0]) or greedy(feats, f_fc)
+        for n in (1, 9, 32):
+            scores = clf(images[:n])
+            bound = BUCKET_TOLERANCE["fp32" if dtype == "fp32" else "bf16"]
+            assert (scores - reference[:n]).abs().max().item() <= bound
+        assert used == [b for b in (1, 16, 32) if b <= greedy_max], (dtype, used)
+    aligned = C2FNet(dataclasses.replace(tiny_config(), glimpse_head=True, query_token=True)).eval()
+    assert C2FClassifier(aligned, CLASSES, device="cpu", backend="torch")._greedy is None
+
+
 @pytest.mark.parametrize("options", [{}, {"glimpse_head": True, "query_token": True, "glimpse_in_prediction": True}],
                          ids=["paper", "aligned"])
 def test_bf16_runner_stores_the_weights_autocast_would_cast(options):
