@@ -20,8 +20,9 @@ Defaults: CUDA when present, else the CPU; on CUDA bf16 autocast, ``torch.compil
 kernels (``ModelConfig.fast_kernels``); on the CPU eager PyTorch with bf16 autocast where the CPU
 computes bf16 natively (AMX or AVX512-BF16: :func:`c2f_fast.runtime.cpu_bf16_support`), fp32
 elsewhere, channels_last with batch norm folded into the convolutions, each 2x2 max-pool run
-before its ReLU and the attention scores from ``sigmoid`` with the factors folded into the weights
-(``optimize``; the same function up to rounding, tested), next to
+before its ReLU, the attention scores from ``sigmoid`` with the factors folded into the weights,
+and for batches of up to 16 images (any batch in fp32) the greedy loop rearranged in float32
+(``_GreedyDecoder``) (``optimize``; the same function up to rounding, tested), next to
 ONNX Runtime (``backend="auto"``, below). The weights stay fp32 in every case; a 16-bit ``dtype``
 is the autocast compute type, as in training and evaluation. Every model call runs under
 ``torch.inference_mode``. ``compile=True`` on the CPU compiles with Inductor's freezing
@@ -42,7 +43,9 @@ Backends (``backend``):
   timed on both backends, interleaved, on seeded random images, and the timings are stored beside
   the ``.onnx`` (``*.timings.json``, keyed by the thread count, dtype, CPU capability and the
   torch/onnxruntime versions); each bucket then runs on the backend that was faster for it. On
-  the demo model at one thread that is ONNX Runtime up to 8 images per call and bf16 torch for 16-32.
+  the demo model at one thread on the 2-core Intel Xeon (AMX) that is ONNX Runtime for one image and
+  bf16 torch for 2-32 (an AMD Zen 4 without AMX measured ONNX Runtime up to 8 images, before the
+  rearranged greedy loop).
   ``auto`` is plain ``torch`` on CUDA, with ``compile`` or ``fast_kernels``, without onnxruntime,
   or without a run folder or ``onnx=`` file (direct construction).
 
@@ -482,7 +485,7 @@ class C2FClassifier(nn.Module):
                    onnx=onnx, cache=cache)
 
     def describe_backend(self) -> str:
-        """E.g. ``auto (onnxruntime for 1-8 images, torch bf16 for 16-32 images)``, ``torch fp32``."""
+        """E.g. ``auto (onnxruntime for 1 image, torch bf16 for 2-32 images)``, ``torch fp32``."""
         dtype = str(self.dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32")
         name = lambda b: "onnxruntime" if b == "onnxruntime" else f"torch {dtype}"  # noqa: E731
         if self.backend != "auto":
@@ -490,7 +493,8 @@ class C2FClassifier(nn.Module):
         groups: dict[str, list[int]] = {}
         for bucket, backend in self.bucket_backends.items():
             groups.setdefault(backend, []).append(bucket)
-        parts = [f"{name(b)} for {sizes[0]}" + (f"-{sizes[-1]}" if len(sizes) > 1 else "") + " images"
+        parts = [f"{name(b)} for {sizes[0]}" + (f"-{sizes[-1]} images" if len(sizes) > 1
+                                                  else " image" if sizes[0] == 1 else " images")
                  for b, sizes in groups.items()]
         return f"auto ({', '.join(parts)})"
 

@@ -587,6 +587,10 @@ def test_auto_runs_each_bucket_on_its_measured_faster_backend(tmp_path):
     mixed = C2FClassifier.from_checkpoint(run_dir, device="cpu", dtype="fp32", model_batch=16)
     assert mixed.bucket_backends == {1: "onnxruntime", 2: "onnxruntime", 4: "torch", 8: "torch", 16: "torch"}
     assert "onnxruntime for 1-2 images" in mixed.describe_backend()
+    one = {**mixed.bucket_backends, 2: "torch"}
+    mixed.bucket_backends, kept = one, mixed.bucket_backends
+    assert mixed.describe_backend() == "auto (onnxruntime for 1 image, torch fp32 for 2-16 images)"
+    mixed.bucket_backends = kept
     images = distinct_images(mixed, 18)  # a call of 16 (torch) and one of 2 (onnxruntime)
     strict = C2FClassifier.from_checkpoint(run_dir, device="cpu", **STRICT)
     assert (mixed(images) - strict(images)).abs().max().item() <= BUCKET_TOLERANCE["onnxruntime"]
