@@ -49,8 +49,8 @@ def tune_allocator() -> str:
     its activations every step, so every step page-faults all of them in again: 36,000 faults a
     step (57 ms of system time) in the demo's training step on the 2-core machine. With blocks up
     to :data:`HEAP_BLOCKS_UP_TO` from the heap and no trimming, the faults go and the step runs
-    1.43x faster, the whole ``c2f demo`` 1.33x (docs/cli.md, "Memory: the allocator"). The cost: the process keeps
-    its peak heap instead of handing freed memory back to the kernel. The same effect as the
+    1.43x faster, the whole ``c2f demo`` 1.33x (docs/cli.md, "Memory: the allocator"). The cost:
+    the process keeps its peak heap instead of handing freed memory back to the kernel. The same effect as the
     ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` variables, or as preloading jemalloc or
     tcmalloc, as PyTorch's CPU performance guides advise.
 
@@ -86,11 +86,13 @@ def _tune_allocator() -> str:
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
         mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-        ok = mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_ABOVE) == 1
+        refused = [name for name, param, value in (("mmap threshold", _M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO),
+                                                   ("trim threshold", _M_TRIM_THRESHOLD, TRIM_ABOVE))
+                   if mallopt(param, value) != 1]
     except (OSError, AttributeError) as err:
         return f"allocator: the system's (mallopt unavailable: {err})"
-    if not ok:
-        return "allocator: the system's (glibc refused the mallopt settings)"
+    if refused:
+        return f"allocator: glibc, partly tuned (mallopt refused the {' and the '.join(refused)})"
     return (f"allocator: glibc malloc keeps freed memory (heap blocks up to {HEAP_BLOCKS_UP_TO >> 30} GiB, "
             f"no trimming; {MALLOC_ENV}=system turns this off)")
 
