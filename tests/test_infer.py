@@ -253,6 +253,66 @@ def test_bf16_runner_stores_the_weights_autocast_would_cast(options):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, c_in, c_out, size, stride", [(1, 3, 16, (13, 9), 1), (3, 5, 7, (8, 8), 2),
+                                                              (2, 24, 40, (5, 7), 1)])
+def test_packed_convolution_computes_conv_and_relu(dtype, batch, c_in, c_out, size, stride):
+    """_PackedConv2d (oneDNN, packed weight, fused ReLU) against Conv2d + ReLU: bit-identical in
+    bf16, within fp32 rounding in fp32; a changed weight is packed again; autocast with another
+    dtype, gradients and copies go the plain module's way."""
+    import copy
+
+    from c2f_fast.infer import _packed_convolutions_work, _PackedConv2d
+
+    if not _packed_convolutions_work(dtype):
+        pytest.skip("this torch build has no oneDNN packed convolutions")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1).to(dtype)
+    packed = _PackedConv2d(conv, relu=True)
+    x = torch.randn(batch, c_in, *size).to(dtype).contiguous(memory_format=torch.channels_last)
+
+    def check(got, want):
+        if dtype == torch.bfloat16:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    with torch.inference_mode():
+        check(packed(x), torch.relu(conv(x)))
+        check(_PackedConv2d(conv, relu=False)(x), conv(x))
+        conv.weight.mul_(-1)  # changed in place: packed again
+        check(packed(x), torch.relu(conv(x)))
+        twin = copy.deepcopy(packed)
+        assert twin.conv is not conv and torch.equal(twin(x), packed(x))
+    if dtype == torch.float32:  # under bf16 autocast the plain module runs (in bf16), as it would
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(packed(x), torch.relu(conv(x))) and packed(x).dtype == torch.bfloat16
+    y = packed(x.detach().requires_grad_())  # gradients: the plain module
+    assert y.requires_grad
+
+
+def test_pack_convolutions_fuses_a_relu_only_across_identities_and_pools():
+    from c2f_fast.infer import _MaxPool2x2, _pack_convolutions, _packed_convolutions_work, _PackedConv2d
+
+    if not _packed_convolutions_work(torch.float32):
+        pytest.skip("this torch build has no oneDNN packed convolutions")
+    conv = lambda: torch.nn.Conv2d(4, 4, 3, padding=1)  # noqa: E731
+    net = torch.nn.Sequential(conv(), torch.nn.Identity(), _MaxPool2x2(), torch.nn.ReLU(),  # fused
+                              conv(), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),  # a norm in between: not fused
+                              conv(), torch.nn.ReLU(),  # fused
+                              conv()).eval()  # no ReLU after it
+    reference = copy_of = __import__("copy").deepcopy(net)
+    _pack_convolutions(net, torch.float32)
+    kinds = [(type(m).__name__, getattr(m, "relu", None)) for m in net]
+    assert kinds == [("_PackedConv2d", True), ("Identity", None), ("_MaxPool2x2", None), ("Identity", None),
+                     ("_PackedConv2d", False), ("BatchNorm2d", None), ("ReLU", None),
+                     ("_PackedConv2d", True), ("Identity", None), ("_PackedConv2d", False)]
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert isinstance(copy_of[0], torch.nn.Conv2d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 16, 8, 6), (3, 5, 7, 9), (1, 3, 2, 2)])
 def test_pool_2x2_equals_max_pool2d(shape, dtype):
     """Both of _MaxPool2x2's paths (channels_last halves; strided phases for NCHW or odd sizes)
