@@ -19,8 +19,9 @@ gives an ``nn.Module`` for three uses:
 Defaults: CUDA when present, else the CPU; on CUDA bf16 autocast, ``torch.compile`` and the Triton
 kernels (``ModelConfig.fast_kernels``); on the CPU eager PyTorch with bf16 autocast where the CPU
 computes bf16 natively (AMX or AVX512-BF16: :func:`c2f_fast.runtime.cpu_bf16_support`), fp32
-elsewhere, channels_last with batch norm folded into the convolutions, each 2x2 max-pool run
-before its ReLU, the attention scores from ``sigmoid`` with the factors folded into the weights,
+elsewhere, channels_last with batch norm folded into the convolutions, the convolutions packed
+for oneDNN with their ReLU fused (``_PackedConv2d``), each 2x2 max-pool as two contiguous maxima,
+the attention scores from ``sigmoid`` with the factors folded into the weights,
 and for batches of up to 16 images (any batch in fp32) the greedy loop rearranged in float32
 (``_GreedyDecoder``) (``optimize``; the same function up to rounding, tested), next to
 ONNX Runtime (``backend="auto"``, below). The weights stay fp32 in every case; a 16-bit ``dtype``
