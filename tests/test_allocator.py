@@ -68,3 +68,23 @@ def test_c2f_info_reports_the_allocator():
     out = subprocess.run([sys.executable, "-m", "c2f_fast.cli", "info"], capture_output=True, text=True, timeout=120,
                          check=True, env={**os.environ, "C2F_MALLOC": "system"})
     assert "memory       the system's (C2F_MALLOC=system)" in out.stdout
+
+
+def test_a_loader_worker_tunes_as_its_parent_did():
+    """DataLoader workers (c2f_fast.data.torch_pipeline._init_worker) set the allocator only
+    when the parent had."""
+    code = """
+import json
+from c2f_fast.runtime import allocator_state
+from c2f_fast.data.torch_pipeline import _init_worker
+_init_worker(0, tune_allocator=False)
+before = allocator_state()
+_init_worker(1, tune_allocator=True)
+print(json.dumps([before, allocator_state()]))
+"""
+    clean = {k: v for k, v in os.environ.items()
+             if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD", "C2F_MALLOC"))}
+    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=120,
+                         check=True)
+    before, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "not called" in before and "keeps freed memory" in after

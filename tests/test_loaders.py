@@ -203,6 +203,23 @@ def test_torch_workers_give_the_same_batches(dataset):
         assert torch.equal(ia, ib) and torch.equal(ta, tb) and torch.equal(xa, xb)
 
 
+def test_torch_workers_take_the_parents_allocator_setting(dataset, monkeypatch):
+    """Workers get the parent's allocator setting (c2f_fast.runtime.tune_allocator): a worker
+    started by the fork server is a fresh process and would otherwise run glibc's defaults."""
+    import functools
+
+    from c2f_fast.data import torch_pipeline
+
+    for tuned in (False, True):
+        monkeypatch.setattr(torch_pipeline, "_allocator_tuned", lambda: tuned)
+        init = build_loader(dataset, batch_size=3, train=False, image_size=SIZE, backend="torch",
+                            num_workers=1).dataloader.worker_init_fn
+        assert isinstance(init, functools.partial) and init.func is torch_pipeline._init_worker
+        assert init.keywords == {"tune_allocator": tuned}
+    assert build_loader(dataset, batch_size=3, train=False, image_size=SIZE, backend="torch",
+                        num_workers=0).dataloader.worker_init_fn is None
+
+
 def test_abandoned_dali_epoch_restarts_cleanly(dataset):
     loader = build_loader(dataset, 4, False, SIZE, backend="dali", num_workers=1)
     next(iter(loader))  # read one batch, then start over

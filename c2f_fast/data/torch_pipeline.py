@@ -16,6 +16,7 @@ worker depends on both).
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import multiprocessing.context
@@ -232,6 +233,24 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
     return context
 
 
+def _allocator_tuned() -> bool:
+    from ..runtime import allocator_state
+
+    return "keeps freed memory" in allocator_state()
+
+
+def _init_worker(worker_id: int, tune_allocator: bool) -> None:
+    """Each ``DataLoader`` worker: the parent's allocator setting (:func:`c2f_fast.runtime.
+    tune_allocator`). A forked worker inherits it; one started by the fork server (when DALI is
+    loaded) is a fresh process and sets it here (each decoded image, a few hundred KiB, was mapped
+    and faulted in afresh: ``data/torch`` 291-294 against 298-316 ms a batch in two alternating
+    pairs of benchmark runs on the 2-core machine)."""
+    if tune_allocator:
+        from ..runtime import tune_allocator as tune
+
+        tune()
+
+
 class TorchLoader(ImageLoader):
     """:class:`ImageLoader` over a torch ``DataLoader`` (built by :func:`c2f_fast.data.build_loader`).
 
@@ -258,6 +277,7 @@ class TorchLoader(ImageLoader):
             persistent_workers=workers > 0,
             prefetch_factor=config.prefetch if workers > 0 else None,
             multiprocessing_context=worker_context() if workers > 0 else None,
+            worker_init_fn=functools.partial(_init_worker, tune_allocator=_allocator_tuned()) if workers > 0 else None,
         )
 
     #: How workers turn a batch of keys into what :meth:`_epoch` reads (the nvJPEG backend changes them).
