@@ -41,9 +41,10 @@ Backends (``backend``):
   same, and replaces it when the weights change. One image runs on a second session of the graph
   with the batch fixed to 1 (ONNX Runtime folds the decoder loop's shape arithmetic there).
 - ``"auto"`` (default): on the CPU, both, bucket by bucket (below): on first use each bucket is
-  timed on both backends, interleaved, on seeded random images, and the timings are stored beside
-  the ``.onnx`` (``*.timings.json``, keyed by the thread count, dtype, CPU capability and the
-  torch/onnxruntime versions); each bucket then runs on the backend that was faster for it. On
+  timed on both backends (in alternating blocks of calls) on seeded random images, and the
+  timings are stored beside the ``.onnx`` (``*.timings.json``, keyed by the thread count, dtype,
+  CPU capability and the torch/onnxruntime versions); each bucket then runs on the backend that
+  was faster for it. On
   the demo model at one thread on the 2-core Intel Xeon (AMX) that is ONNX Runtime for one image and
   bf16 torch for 2-32 (an AMD Zen 4 without AMX measured ONNX Runtime up to 8 images, before the
   rearranged greedy loop).
@@ -141,7 +142,7 @@ GREEDY_DECODER_MAX_BF16 = 16
 
 #: Changes when a runner changes (the torch CPU rewrites, the ONNX Runtime sessions): stored
 #: timings are then measured again.
-_RUNNER_VERSION = 6
+_RUNNER_VERSION = 7
 
 #: What follows the stem in a cached ONNX file's name: the weights hash.
 _CACHE_NAME = re.compile(r"[0-9a-f]{16}\.onnx")
@@ -393,9 +394,18 @@ class C2FClassifier(nn.Module):
         return path
 
     def _measured_timings(self, onnx_path: Path) -> dict:
-        """Milliseconds per model call of each bucket on each backend, measured interleaved on
-        seeded random images and stored beside the .onnx (``*.timings.json``), keyed by what
-        changes them (threads, dtype, torch/onnxruntime versions, CPU capability)."""
+        """Milliseconds per model call of each bucket on each backend, measured on seeded random
+        images and stored beside the .onnx (``*.timings.json``), keyed by what changes them
+        (threads, dtype, torch/onnxruntime versions, CPU capability).
+
+        Each backend is timed in blocks of consecutive calls, the blocks alternating (torch,
+        ONNX Runtime, torch, ...), and the first call of each block is not counted. Why not call by
+        call: with more than one thread, both runtimes keep their worker threads spinning for a
+        while after a call, and a call right after the other runtime's competes with them for the
+        cores. Timed call by call on the 2-core machine with 2 threads, that made torch look
+        slower than ONNX Runtime at 32 images (64 against 43 ms) when, called on its own, it is
+        twice as fast (35 against 63 ms at 64 images), and ``auto`` ran every bucket on the slower
+        one."""
         import onnxruntime as ort
 
         store = onnx_path.with_suffix(".timings.json")
@@ -419,11 +429,12 @@ class C2FClassifier(nn.Module):
             x = torch.randn(bucket, 3, S, S, generator=generator)
             runs = {"torch": lambda: self._run_torch(x), "onnxruntime": lambda: self._ort(x)}
             times: dict[str, list[float]] = {name: [] for name in runs}
-            for rep in range(4):  # the first call of each warms up; then interleaved
+            for _ in range(3):  # alternating blocks; the first call of a block hands the cores over
                 for name, fn in runs.items():
-                    t0 = time.perf_counter()
                     fn()
-                    if rep:
+                    for _ in range(3):
+                        t0 = time.perf_counter()
+                        fn()
                         times[name].append(time.perf_counter() - t0)
             for name in runs:
                 ms[name][str(bucket)] = round(1e3 * sorted(times[name])[len(times[name]) // 2], 4)

@@ -662,6 +662,27 @@ def test_auto_runs_each_bucket_on_its_measured_faster_backend(tmp_path):
     assert C2FClassifier(C2FNet(tiny_config()), CLASSES, device="cpu").backend == "torch"
 
 
+@needs_ort
+def test_auto_times_each_backend_in_blocks_of_calls(tmp_path, monkeypatch):
+    """The timing that decides auto's choice calls each backend in alternating blocks (the first
+    call of a block not counted), never one call of each in turn: with several threads, a call
+    right after the other runtime's competes with its still-spinning worker threads."""
+    from c2f_fast import infer
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_run(run_dir)
+    calls = []
+    run_torch, run_ort = C2FClassifier._run_torch, infer._OrtRunner.__call__
+    monkeypatch.setattr(C2FClassifier, "_run_torch", lambda self, x: calls.append(("torch", len(x))) or run_torch(self, x))
+    monkeypatch.setattr(infer._OrtRunner, "__call__", lambda self, x: calls.append(("ort", len(x))) or run_ort(self, x))
+    clf = C2FClassifier.from_checkpoint(run_dir, device="cpu", dtype="fp32", model_batch=2)
+    block = lambda name, b: [(name, b)] * 4  # noqa: E731 -- one untimed call, three timed
+    expected = [c for b in (1, 2) for _ in range(3) for c in block("torch", b) + block("ort", b)]
+    assert calls[-len(expected):] == expected  # (before them: the export's own check)
+    assert all(len(clf.timings["ms"][name]) == 2 for name in ("torch", "onnxruntime"))
+
+
 @pytest.mark.slow
 def test_compiled_cpu_matches_eager(run):
     """compile=True on the CPU (Inductor, freezing: folded and prepacked weights): one small bucket."""
