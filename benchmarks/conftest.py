@@ -20,7 +20,7 @@ if _PROFILE.threads:
     torch.set_num_threads(_PROFILE.threads)
 # the process as the c2f commands run it (glibc malloc keeps freed memory: c2f_fast.runtime.
 # tune_allocator); C2F_MALLOC=system measures the system's allocator instead
-ALLOCATOR = tune_allocator()
+tune_allocator()
 
 
 @pytest.fixture(scope="session")
@@ -131,6 +131,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line(
         f"{env['device']}; torch {env['torch']}, triton {env['triton']}, DALI {env['dali']}, "
         f"torchvision {env['torchvision']}; {env['torch_threads']} torch thread(s); {env['date']}; "
-        f"load average {tuple(round(x, 2) for x in env['loadavg'] or ())}; {ALLOCATOR}"
+        f"load average {tuple(round(x, 2) for x in env['loadavg'] or ())}; {env['allocator']}"
     )
     tr.write_line(_bench.table(_bench.RESULTS, _profile_name()))

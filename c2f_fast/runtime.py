@@ -37,6 +37,7 @@ TRIM_ABOVE = 2**31 - 1
 #: ``C2F_MALLOC=system`` leaves the allocator as it is.
 MALLOC_ENV = "C2F_MALLOC"
 _allocator_state: Optional[str] = None
+_allocator_tuned = False  # whether tune_allocator set glibc's parameters in this process
 
 
 def tune_allocator() -> str:
@@ -71,7 +72,14 @@ def allocator_state() -> str:
     return _allocator_state or "allocator: the system's (tune_allocator() not called in this process)"
 
 
+def allocator_tuned() -> bool:
+    """Whether :func:`tune_allocator` set glibc's parameters in this process (e.g. for a worker
+    process to do the same)."""
+    return _allocator_tuned
+
+
 def _tune_allocator() -> str:
+    global _allocator_tuned
     setting = os.environ.get(MALLOC_ENV, "").strip().lower()
     if setting in ("system", "0", "off", "no"):
         return f"allocator: the system's ({MALLOC_ENV}={setting})"
@@ -93,6 +101,7 @@ def _tune_allocator() -> str:
         return f"allocator: the system's (mallopt unavailable: {err})"
     if refused:
         return f"allocator: glibc, partly tuned (mallopt refused the {' and the '.join(refused)})"
+    _allocator_tuned = True
     return (f"allocator: glibc malloc keeps freed memory (heap blocks up to {HEAP_BLOCKS_UP_TO >> 30} GiB, "
             f"no trimming; {MALLOC_ENV}=system turns this off)")
 

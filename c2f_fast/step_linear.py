@@ -11,7 +11,7 @@ inner dimension of T·B. The function is the same; only the order of the summati
 
 ``StepLinears`` is made once per forward pass. Where deferring cannot apply (no gradient wanted,
 inside ``torch.compile``'s tracing, a weight that does not require a gradient) ``linear`` is plain
-``torch.addmm``, the same function.
+``F.linear``, the same function.
 """
 
 from __future__ import annotations

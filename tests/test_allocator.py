@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0
 #: threshold can reach) eight times and prints the line and each round's minor page faults.
 PROBE = """
 import json, resource, sys, torch
-from c2f_fast.runtime import tune_allocator
+from c2f_fast.runtime import allocator_tuned, tune_allocator
 line = tune_allocator()
 assert tune_allocator() is line  # once per process
 def touch():
@@ -31,24 +31,30 @@ for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     touch()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"line": line, "faults": faults}))
+print(json.dumps({"line": line, "tuned": allocator_tuned(), "faults": faults}))
 """
 PAGES = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
 
 
-def probe(**env: str) -> dict:
+def run_fresh(code: str, **env: str):
+    """The last line of ``code``'s output, as JSON, from a fresh interpreter whose environment has
+    no allocator choice of its own but ``env``."""
     clean = {k: v for k, v in os.environ.items()
              if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD", "C2F_MALLOC"))}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
                          timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def probe(**env: str) -> dict:
+    return run_fresh(PROBE, **env)
+
+
 def test_tuned_malloc_reuses_freed_memory_instead_of_faulting_it_in_again():
     tuned = probe()
-    assert "keeps freed memory" in tuned["line"] and "C2F_MALLOC=system" in tuned["line"]
+    assert "keeps freed memory" in tuned["line"] and "C2F_MALLOC=system" in tuned["line"] and tuned["tuned"]
     system = probe(C2F_MALLOC="system")
-    assert system["line"] == "allocator: the system's (C2F_MALLOC=system)"
+    assert system["line"] == "allocator: the system's (C2F_MALLOC=system)" and not system["tuned"]
     # the system's malloc maps a fresh 64 MiB block each time: every round faults its pages in
     assert min(system["faults"]) >= 0.9 * PAGES, system
     # tuned, the block is reused from the heap: the pages fault in while the heap grows (one or
@@ -61,7 +67,8 @@ def test_tuned_malloc_reuses_freed_memory_instead_of_faulting_it_in_again():
                                        ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, "as configured (GLIBC_TUNABLES)"),
                                        ({"C2F_MALLOC": "off"}, "the system's (C2F_MALLOC=off)")])
 def test_a_choice_already_made_is_kept(env, says):
-    assert probe(**env)["line"].endswith(says)
+    result = probe(**env)
+    assert result["line"].endswith(says) and not result["tuned"]
 
 
 def test_c2f_info_reports_the_allocator():
@@ -77,14 +84,13 @@ def test_a_loader_worker_tunes_as_its_parent_did():
 import json
 from c2f_fast.runtime import allocator_state
 from c2f_fast.data.torch_pipeline import _init_worker
+from c2f_fast.runtime import allocator_tuned
 _init_worker(0, tune_allocator=False)
 before = allocator_state()
+assert not allocator_tuned()
 _init_worker(1, tune_allocator=True)
+assert allocator_tuned()
 print(json.dumps([before, allocator_state()]))
 """
-    clean = {k: v for k, v in os.environ.items()
-             if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD", "C2F_MALLOC"))}
-    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=120,
-                         check=True)
-    before, after = json.loads(out.stdout.strip().splitlines()[-1])
+    before, after = run_fresh(code)
     assert "not called" in before and "keeps freed memory" in after

@@ -234,9 +234,9 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
 
 
 def _allocator_tuned() -> bool:
-    from ..runtime import allocator_state
+    from ..runtime import allocator_tuned  # not at the top: runtime imports config, which imports data
 
-    return "keeps freed memory" in allocator_state()
+    return allocator_tuned()
 
 
 def _init_worker(worker_id: int, tune_allocator: bool) -> None:
