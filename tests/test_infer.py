@@ -290,6 +290,32 @@ def test_packed_convolution_computes_conv_and_relu(dtype, batch, c_in, c_out, si
     assert y.requires_grad
 
 
+def test_packed_convolution_packs_for_each_input_shape():
+    """The weight is packed for each input shape it meets (oneDNN's layout for an unknown shape
+    suits large batches only), each shape computes conv + ReLU, at most PACKED_SHAPES are kept,
+    and a changed weight drops them all."""
+    from c2f_fast.infer import PACKED_SHAPES, _packed_convolutions_work, _PackedConv2d
+
+    if not _packed_convolutions_work(torch.float32):
+        pytest.skip("this torch build has no oneDNN packed convolutions")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 10, 3, padding=1)
+    packed = _PackedConv2d(conv, relu=True)
+    with torch.inference_mode():
+        for batch in (1, 3, 1, 2):
+            x = torch.randn(batch, 6, 7, 5).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(packed(x), torch.relu(conv(x)), rtol=1e-5, atol=1e-5)
+        assert sorted(shape[0] for shape in packed._packed) == [1, 2, 3]
+        conv.weight.mul_(-1)
+        x = torch.randn(4, 6, 7, 5).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(packed(x), torch.relu(conv(x)), rtol=1e-5, atol=1e-5)
+        assert list(packed._packed) == [x.shape]  # the old packings went with the old weight
+        for batch in range(5, 5 + PACKED_SHAPES):
+            y = torch.randn(batch, 6, 7, 5).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(packed(y), torch.relu(conv(y)), rtol=1e-5, atol=1e-5)
+            assert 1 <= len(packed._packed) <= PACKED_SHAPES
+
+
 def test_pack_convolutions_fuses_a_relu_only_across_identities_and_pools():
     import copy
 
