@@ -1098,26 +1098,27 @@ class _GreedyDecoder:
         self.C, self.H, self.T, self.variant, self.scaled_prior = C, H, cfg.steps, cfg.variant, cfg.scaled_prior
         self.start_token, self.pad_token = model.start_token, model.pad_token
 
-        def cols(w: torch.Tensor) -> torch.Tensor:  # W -> Wᵀ, contiguous, float32, detached
-            return w.detach().float().t().contiguous()
+        def cols(w: torch.Tensor) -> torch.Tensor:  # W -> Wᵀ, contiguous, float32, detached, padded
+            return _pad_columns(w.detach().float().t())
 
         lstm = model.lstm
         w_ih, w_hh = lstm.weight_ih.detach().float(), lstm.weight_hh.detach().float()
         bias = lstm.bias_ih.detach().float() + lstm.bias_hh.detach().float()
-        self.gate_table = torch.addmm(bias, model.embedding.weight.detach().float(), w_ih[:, :E].t())
-        self.w_zh = torch.cat([w_ih[:, E:], w_hh], dim=1).t().contiguous()  # [D + H, 4H]
+        self.gate_table = _pad_columns(torch.addmm(bias, model.embedding.weight.detach().float(), w_ih[:, :E].t()))
+        self.w_zh = _pad_columns(torch.cat([w_ih[:, E:], w_hh], dim=1).t())  # [D + H, 4H]
         w_p = model.predict.weight
-        self.w_ph, self.w_pf, self.b_p = cols(w_p[:, :H]), cols(w_p[:, H:]), model.predict.bias.detach().float()
+        self.w_ph, self.w_pf = cols(w_p[:, :H]), cols(w_p[:, H:])
+        self.b_p = _pad_columns(model.predict.bias.detach().float())
         if cfg.variant != "lstm":  # local attention, sigmoid form: every factor 2 folded in
             attention = model.local_attn
-            self.w_a, self.b_a = cols(2 * attention.feat_proj.weight), 2 * attention.feat_proj.bias.detach().float()
+            self.w_a, self.b_a = cols(2 * attention.feat_proj.weight), _pad_columns(2 * attention.feat_proj.bias.detach().float())
             self.w_q = cols(2 * attention.query_proj.weight)
-            self.v = (2 * attention.v.detach().float()).reshape(-1, 1)
+            self.v = _pad_columns(2 * attention.v.detach().float()).reshape(-1, 1)
         if cfg.variant == "lstm_lg":
-            self.w_score = cols(model.global_attn.score.weight)
+            self.w_score = model.global_attn.score.weight.detach().float().t().contiguous()  # [D, 1]
             self.b_score = model.global_attn.score.bias.detach().float()
             self.w_init = cols(torch.cat([model.init_h.weight, model.init_c.weight]))
-            self.b_init = torch.cat([model.init_h.bias, model.init_c.bias]).detach().float()
+            self.b_init = _pad_columns(torch.cat([model.init_h.bias, model.init_c.bias]).detach().float())
 
     def __call__(self, feats: torch.Tensor, f_fc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [B, C], step_logits [B, T, C])``, float32, as :meth:`C2FNet.decode` gives
@@ -1126,10 +1127,13 @@ class _GreedyDecoder:
         feats, f_fc = feats.float().contiguous(), f_fc.float()
         B, L, D = feats.shape
         if self.variant == "lstm_lg":  # Eq. 1-3: global attention, then the initial state
-            alpha = torch.softmax(torch.tanh(torch.matmul(feats, self.w_score).squeeze(2) + self.b_score), dim=1)
+            # a product per image (bmm), not one over all B*L rows: with L not a multiple of the
+            # kernel's row block an image's rows would fall differently at each position
+            score = torch.bmm(feats, self.w_score.expand(B, D, 1)).squeeze(2)
+            alpha = torch.softmax(torch.tanh(score + self.b_score), dim=1)
             z_hat = torch.bmm(alpha.unsqueeze(1), feats).squeeze(1)
             state = torch.addmm(self.b_init, z_hat / L, self.w_init)
-            h, c = state[:, :H], state[:, H:]
+            h, c = state[:, :H], state[:, H:2 * H]
             prior = alpha * L if self.scaled_prior else alpha
             weighted = feats * prior.unsqueeze(2)  # prior_i a_i, once
         else:
@@ -1151,13 +1155,13 @@ class _GreedyDecoder:
         for t in range(T):
             if local:
                 torch.add(projected, q.unsqueeze(1), out=scores_map).sigmoid_()
-                beta = torch.softmax(torch.matmul(scores_map, self.v).squeeze(2), dim=1)
+                beta = torch.softmax(torch.bmm(scores_map, self.v.expand(B, -1, 1)).squeeze(2), dim=1)
                 z = torch.bmm(beta.unsqueeze(1), weighted).squeeze(1)
-            gates = torch.addmm(self.gate_table[token], torch.cat([z, h], dim=1), self.w_zh)
+            gates = torch.addmm(self.gate_table[token], torch.cat([z, h], dim=1), self.w_zh)[:, :4 * H]
             gate = torch.sigmoid(gates)  # i, f, o (g's sigmoid is unused)
             c = torch.addcmul(gate[:, H:2 * H] * c, gate[:, :H], torch.tanh(gates[:, 2 * H:3 * H]))
             h = gate[:, 3 * H:] * torch.tanh(c)
-            logit = torch.addmm(image_logit, h, self.w_ph)
+            logit = torch.addmm(image_logit, h, self.w_ph)[:, :C]
             if t > 0:  # no copying: a class already fed scores -inf
                 logit.masked_fill_(fed_classes, float("-inf"))
             step_logits.append(logit)
@@ -1170,6 +1174,22 @@ class _GreedyDecoder:
                     q = torch.mm(h, self.w_q)
         stacked = torch.stack(step_logits, dim=1)
         return stacked.amax(dim=1), stacked
+
+
+#: The products of :class:`_GreedyDecoder` have their output columns zero-padded to a multiple of
+#: this. Why: MKL's float32 GEMM computes a row of ``x @ W`` differently depending on the row's
+#: index when ``W`` has few or odd columns (on a 2-core AMD Zen 3, AVX2: the 4th row of every 4
+#: with 5 columns, rows 1-2 of 4 with 33), which broke "bit-identical at every position of a
+#: bucket" for models with 5 classes; with columns padded to 16 every row was computed alike in
+#: every case measured (2-32 rows; 5, 20, 33 columns).
+GEMM_COLUMNS = 16
+
+
+def _pad_columns(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [..., N] with its last dimension zero-padded to a multiple of :data:`GEMM_COLUMNS`,
+    contiguous."""
+    extra = -t.shape[-1] % GEMM_COLUMNS
+    return torch.nn.functional.pad(t, (0, extra)).contiguous() if extra else t.contiguous()
 
 
 def _pair(value: Any) -> tuple:
