@@ -27,6 +27,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from c2f_fast.runtime import cpu_bf16_support
+
 # ----------------------------------------------------------------------------------------------
 # Sizes
 # ----------------------------------------------------------------------------------------------
@@ -414,6 +416,7 @@ class Goal:
     target: float
     baseline: str = ""
     alternates: tuple[str, ...] = ()  # other cases that stand in when ``case`` was not measured
+    applies: Optional[Callable[[], tuple[bool, str]]] = None  # (whether the goal applies here, why)
 
 
 def _ops_goals() -> list[Goal]:
@@ -446,7 +449,7 @@ GOALS: list[Goal] = [
     Goal("cpu", "DALI (fused decode+crop) ≥ 1.1× torch DataLoader, same threads", "ratio", "data/dali", 1.1,
          "data/torch"),
     Goal("cpu", "bf16 + channels_last training step ≥ 1.5× fp32 NCHW (a CPU with bf16 units)", "ratio",
-         "train/cpu_bf16_cl", 1.5, "train/ref_fp32_eager"),
+         "train/cpu_bf16_cl", 1.5, "train/ref_fp32_eager", applies=lambda: cpu_bf16_support()),
     Goal("cpu", "compiled decoder fwd+bwd ≥ 1.5× eager", "ratio", "decoder/fwdbwd/ref_compiled", 1.5,
          "decoder/fwdbwd/ref_eager"),
     Goal("cpu", "VGG-16 training step from cached features ≥ 50× the frozen-encoder image step", "ratio",
@@ -475,7 +478,10 @@ def evaluate_goals(results: dict[str, Result], profile: str) -> list[dict]:
                 value = r.img_s
             elif g.kind == "latency":
                 value = r.median
-        if value is None:
+        applies, why = g.applies() if g.applies else (True, "")
+        if not applies:  # still measured and shown: what the case costs where the goal does not apply
+            status = f"not applicable: {why}"
+        elif value is None:
             status = "not measured"
         elif g.kind == "latency":
             status = "met" if value <= g.target else "missed"
