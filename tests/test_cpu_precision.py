@@ -27,15 +27,15 @@ def test_auto_picks_bf16_and_channels_last_on_a_cpu_with_bf16_units(monkeypatch,
     s = _settings(monkeypatch, {"avx2", "avx512f", flag})
     assert (s.precision, s.channels_last, s.compile, s.fast_kernels) == ("bf16", True, False, False)
     assert s.amp_dtype is torch.bfloat16
-    assert name in s.reason and "auto: bf16 + channels_last on" in s.reason
+    assert name in s.reason and "auto: bf16 because" in s.reason and "auto: channels_last on" in s.reason
     assert s.describe().startswith("cpu: bf16, channels_last=on, compile=off")
 
 
-def test_auto_stays_fp32_without_bf16_units(monkeypatch):
+def test_auto_stays_fp32_without_bf16_units_in_channels_last(monkeypatch):
     s = _settings(monkeypatch, {"avx2", "avx512f", "avx512bw"})  # AVX-512 without its BF16 extension
-    assert (s.precision, s.channels_last) == ("fp32", False)
+    assert (s.precision, s.channels_last) == ("fp32", True)
     assert s.amp_dtype is None
-    assert "auto: fp32 + channels_last off because no AMX-BF16 or AVX512-BF16" in s.reason
+    assert "auto: fp32 because no AMX-BF16 or AVX512-BF16" in s.reason and "auto: channels_last on" in s.reason
 
 
 def test_unreadable_cpuinfo_means_no_bf16(monkeypatch, tmp_path):
