@@ -957,9 +957,10 @@ class _PackedConv2d(nn.Module):
     :data:`PACKED_SHAPES` are kept), as Inductor's freezing packs for its static shapes: the
     layout oneDNN picks without the input's shape suits large batches only. On a 2-core AMD Zen 3
     (AVX2, fp32) a 128→128 convolution at 16x16 took 12.5 ms at one image packed without the shape,
-    1.0 ms with it (the plain convolution: 1.0 ms). The plain module stays inside (``conv``): it
-    runs any input the packed weight does not fit (another dtype, e.g. a float32 input under
-    autocast) and makes copies."""
+    1.0 ms with it (the plain convolution: 1.0 ms). Each packing is a copy of the weight (the demo
+    backbone's: 1 MB in float32; VGG-16's: 59 MB, so up to ~350 MB for six buckets). The plain
+    module stays inside (``conv``): it runs any input the packed weight does not fit (another
+    dtype, e.g. a float32 input under autocast) and makes copies."""
 
     def __init__(self, conv: nn.Conv2d, relu: bool) -> None:
         super().__init__()
@@ -1071,7 +1072,9 @@ class _GreedyDecoder:
       of a table computed once, so a step's gates are ``table[token] + [z; h] [W_z; W_hh]ᵀ`` (one
       gather and one product, instead of the embedding, two products, a concatenation and a sum);
     - every weight is stored transposed and contiguous (``x @ Wᵀ`` with a transposed view runs
-      ~2x slower in MKL at these small batches than with the contiguous transpose);
+      ~2x slower in MKL at these small batches than with the contiguous transpose), its output
+      columns zero-padded to a multiple of :data:`GEMM_COLUMNS` (an image's result then does not
+      depend on its row: the determinism guarantee);
     - the image feature's share of the prediction, ``W_p[:, H:] f_fc + b_p``, once per image;
       the prior-weighted features ``α̂_i a_i`` once per image;
     - the local attention scores in sigmoid form, as :class:`_SigmoidScoreAttention`;
@@ -1111,7 +1114,8 @@ class _GreedyDecoder:
         self.b_p = _pad_columns(model.predict.bias.detach().float())
         if cfg.variant != "lstm":  # local attention, sigmoid form: every factor 2 folded in
             attention = model.local_attn
-            self.w_a, self.b_a = cols(2 * attention.feat_proj.weight), _pad_columns(2 * attention.feat_proj.bias.detach().float())
+            self.w_a = cols(2 * attention.feat_proj.weight)
+            self.b_a = _pad_columns(2 * attention.feat_proj.bias.detach().float())
             self.w_q = cols(2 * attention.query_proj.weight)
             self.v = _pad_columns(2 * attention.v.detach().float()).reshape(-1, 1)
         if cfg.variant == "lstm_lg":
